@@ -1,0 +1,65 @@
+# tapio-node developer entry points. Every target that needs the machine
+# prepared depends on `deps`, so each works by itself on a fresh Debian 12
+# machine, as root.
+
+PY        ?= /usr/bin/python3
+VENV      ?= .venv
+VPY       := $(VENV)/bin/python
+APT_PKGS  := clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev pkg-config \
+             libsystemd-dev python3-venv python3-dev gcc make util-linux \
+             iproute2 systemd procps
+PY_DEPS   := cython msgspec pyyaml prometheus-client inotify-simple \
+             systemd-python pytest lightkube
+
+.PHONY: all deps venv build bpf verify test test-fast demo bench deb clean mounts
+
+all: build
+
+# System packages, installed only when one is missing.
+deps:
+	@missing=$$(for p in $(APT_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.deps: pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q $(PY_DEPS)
+	touch $@
+
+venv: deps $(VENV)/.deps
+
+# The CO-RE object and the Cython extension, in place.
+build: venv
+	$(VPY) setup.py -q build_bpf build_ext --inplace
+	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+
+# tracefs and bpffs, mounted only if absent (tracepoints and pins need them).
+mounts:
+	@mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
+	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+
+# Load every program through the kernel verifier.
+verify: build mounts
+	$(VPY) -m tapio_node.verify
+
+test: build mounts
+	$(VPY) -m pytest -ra tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+test-fast: build
+	$(VPY) -m pytest -q tests/unit
+
+demo: build mounts
+	$(VENV)/bin/tapio-node demo
+
+bench: build mounts
+	$(VPY) -m bench
+
+deb: deps
+	$(MAKE) -C packaging deb
+
+clean:
+	rm -rf build $(VENV) *.egg-info tapio_node/*.so tapio_node/bpf/*.o _fast/*.c

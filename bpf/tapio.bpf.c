@@ -1,0 +1,435 @@
+// SPDX-License-Identifier: GPL-2.0
+/* tapio-node kernel side: report every successful open of a file that
+ * belongs to a watched ConfigMap/Secret/projected volume.
+ *
+ * The file is identified by its inode (dev, generation, ino) after the open
+ * succeeded, never by the path string the process passed: containers open
+ * bind-mounted, symlinked, relative paths (see DESIGN.md). */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include "tapio.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define S_IFMT 00170000
+#define S_IFREG 0100000
+
+/* 1 in N syscalls of pod processes becomes a pod_syscall record (0: off). */
+const volatile __u32 sampling_rate = 0;
+/* Read the path from the stashed enter argument instead of pt_regs. */
+const volatile __u32 use_enter_stash = 0;
+
+/* Adaptive wake-ups, set live by user space through the mmapped .bss:
+ * 0 wakes the reader whenever it has caught up (lowest latency); N > 0
+ * wakes it only once N bytes are pending (batching under load; the reader
+ * then polls with a short timeout). */
+__u32 wakeup_bytes = 0;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct tapio_inode_key);
+	__type(value, struct tapio_watch);
+} watched_inodes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct tapio_dev);
+} watched_devs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct tapio_inode_key);
+	__type(value, __u32);
+} watched_dirs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct tapio_pod_info);
+} pod_info_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 131072);
+	__type(key, __u32);
+	__type(value, __u64);
+} container_pids SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TAPIO_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+/* Fallback only (use_enter_stash): thread -> filename pointer. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, __u64);
+} pending_opens SEC(".maps");
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+static __always_inline __u64 rb_flags(void)
+{
+	__u32 threshold = wakeup_bytes;
+
+	if (!threshold)
+		return 0;
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= threshold)
+		return BPF_RB_FORCE_WAKEUP;
+	return BPF_RB_NO_WAKEUP;
+}
+
+static __always_inline struct file *fd_to_file(long fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds;
+	struct file *file = NULL;
+
+	/* No RCU read lock here: a racing close() can leave a stale slot, so
+	 * the caller counts a NULL as TAPIO_STAT_FD_RACE. */
+	if ((unsigned long)fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	fds = BPF_CORE_READ(fdt, fd);
+	bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]);
+	return file;
+}
+
+static __always_inline const char *user_path(int arg)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct pt_regs *regs;
+	__u64 *stashed;
+
+	if (use_enter_stash) {
+		stashed = bpf_map_lookup_elem(&pending_opens, &id);
+		return stashed ? (const char *)*stashed : NULL;
+	}
+	if (arg < 0)
+		return NULL;
+	/* The saved user registers still hold the syscall arguments at exit,
+	 * so unwatched opens pay for no enter program at all. */
+	regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	return arg == 0 ? (const char *)PT_REGS_PARM1_CORE_SYSCALL(regs)
+			: (const char *)PT_REGS_PARM2_CORE_SYSCALL(regs);
+}
+
+static __always_inline void fill_dnames(struct tapio_access_ext *ext,
+					struct dentry *d)
+{
+	const unsigned char *name;
+
+#pragma unroll
+	for (int i = 0; i < TAPIO_DNAMES; i++) {
+		name = BPF_CORE_READ(d, d_name.name);
+		bpf_probe_read_kernel_str(ext->dnames[i], TAPIO_DNAME_LEN, name);
+		d = BPF_CORE_READ(d, d_parent);
+	}
+}
+
+static __always_inline int on_open_exit(long ret, __u32 op, int path_arg)
+{
+	struct tapio_inode_key key = {};
+	struct tapio_watch watch = {};
+	struct tapio_watch *hit;
+	struct tapio_access *rec;
+	struct tapio_access_ext *ext = NULL;
+	struct tapio_dev *dev;
+	struct dentry *dentry = NULL;
+	struct inode *inode;
+	struct file *file;
+	__u32 flags = 0;
+	__u64 id;
+	const char *upath;
+	long n;
+
+	if (ret < 0)
+		return 0;
+	file = fd_to_file(ret);
+	if (!file) {
+		count(TAPIO_STAT_FD_RACE);
+		return 0;
+	}
+	inode = BPF_CORE_READ(file, f_inode);
+	key.dev = BPF_CORE_READ(inode, i_sb, s_dev);
+	/* Most opens are on devices that hold no watched volume. */
+	dev = bpf_map_lookup_elem(&watched_devs, &key.dev);
+	if (!dev)
+		return 0;
+	if ((BPF_CORE_READ(inode, i_mode) & S_IFMT) != S_IFREG)
+		return 0;
+	key.ino = BPF_CORE_READ(inode, i_ino);
+	if (dev->flags & TAPIO_DEV_USE_GEN)
+		key.gen = BPF_CORE_READ(inode, i_generation);
+
+	hit = bpf_map_lookup_elem(&watched_inodes, &key);
+	if (hit) {
+		watch = *hit;
+	} else if (dev->flags & TAPIO_DEV_WHOLE) {
+		/* A new file on a per-volume tmpfs that user space has not
+		 * indexed yet (atomic-writer update in flight). */
+		watch.volume_id = dev->volume_id;
+		flags |= TAPIO_F_BY_DEV;
+	} else if (dev->flags & TAPIO_DEV_WALK) {
+		struct tapio_inode_key dkey = { .dev = key.dev };
+		struct dentry *d = BPF_CORE_READ(file, f_path.dentry);
+		struct dentry *parent;
+		struct inode *pi;
+		__u32 *vol;
+
+#pragma unroll
+		for (int i = 0; i < TAPIO_DNAMES; i++) {
+			parent = BPF_CORE_READ(d, d_parent);
+			if (parent == d)
+				break;
+			pi = BPF_CORE_READ(parent, d_inode);
+			dkey.ino = BPF_CORE_READ(pi, i_ino);
+			if (dev->flags & TAPIO_DEV_USE_GEN)
+				dkey.gen = BPF_CORE_READ(pi, i_generation);
+			vol = bpf_map_lookup_elem(&watched_dirs, &dkey);
+			if (vol) {
+				watch.volume_id = *vol;
+				flags |= TAPIO_F_BY_DIR;
+				break;
+			}
+			d = parent;
+		}
+		if (!watch.volume_id)
+			return 0;
+	} else {
+		return 0;
+	}
+
+	count(TAPIO_STAT_HITS);
+	if (flags & (TAPIO_F_BY_DEV | TAPIO_F_BY_DIR)) {
+		ext = bpf_ringbuf_reserve(&events, sizeof(*ext), 0);
+		rec = ext ? &ext->base : NULL;
+	} else {
+		rec = bpf_ringbuf_reserve(&events, sizeof(*rec), 0);
+	}
+	if (!rec) {
+		count(TAPIO_STAT_DROPS);
+		return 0;
+	}
+
+	id = bpf_get_current_pid_tgid();
+	if (BPF_CORE_READ(inode, __i_nlink) == 0)
+		flags |= TAPIO_F_UNLINKED;
+	rec->kind = TAPIO_REC_ACCESS;
+	rec->ts_ns = bpf_ktime_get_ns();
+	rec->cgroup_id = bpf_get_current_cgroup_id();
+	rec->pid = id >> 32;
+	rec->tid = (__u32)id;
+	rec->key = key;
+	rec->watch = watch;
+	rec->op = op;
+	rec->fd = ret;
+	bpf_get_current_comm(rec->comm, sizeof(rec->comm));
+	upath = user_path(path_arg);
+	rec->path[0] = 0;
+	if (upath) {
+		n = bpf_probe_read_user_str(rec->path, sizeof(rec->path), upath);
+		if (n < 0)
+			flags |= TAPIO_F_PATH_FAULT;
+		else if (n == sizeof(rec->path))
+			flags |= TAPIO_F_PATH_TRUNC;
+	}
+	rec->flags = flags;
+	if (ext) {
+		dentry = BPF_CORE_READ(file, f_path.dentry);
+		fill_dnames(ext, dentry);
+		bpf_ringbuf_submit(ext, rb_flags());
+	} else {
+		bpf_ringbuf_submit(rec, rb_flags());
+	}
+	return 0;
+}
+
+static __always_inline int stash_path(const char *path)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u64 ptr = (__u64)path;
+
+	bpf_map_update_elem(&pending_opens, &id, &ptr, BPF_ANY);
+	return 0;
+}
+
+static __always_inline void drop_stash(void)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+
+	if (use_enter_stash)
+		bpf_map_delete_elem(&pending_opens, &id);
+}
+
+/* The main program: openat(2) is what libc's open() calls. */
+SEC("tracepoint/syscalls/sys_exit_openat")
+int trace_config_access(struct trace_event_raw_sys_exit *ctx)
+{
+	on_open_exit(ctx->ret, TAPIO_OP_OPENAT, 1);
+	drop_stash();
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_open")
+int trace_config_access_open(struct trace_event_raw_sys_exit *ctx)
+{
+	on_open_exit(ctx->ret, TAPIO_OP_OPEN, 0);
+	drop_stash();
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_openat2")
+int trace_config_access_openat2(struct trace_event_raw_sys_exit *ctx)
+{
+	on_open_exit(ctx->ret, TAPIO_OP_OPENAT2, 1);
+	drop_stash();
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_creat")
+int trace_config_access_creat(struct trace_event_raw_sys_exit *ctx)
+{
+	on_open_exit(ctx->ret, TAPIO_OP_CREAT, 0);
+	drop_stash();
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_open_by_handle_at")
+int trace_config_access_by_handle(struct trace_event_raw_sys_exit *ctx)
+{
+	on_open_exit(ctx->ret, TAPIO_OP_OPEN_BY_HANDLE, -1);
+	return 0;
+}
+
+/* Enter programs: only loaded when bpf_task_pt_regs is unavailable. */
+SEC("tracepoint/syscalls/sys_enter_openat")
+int stash_openat(struct trace_event_raw_sys_enter *ctx)
+{
+	return stash_path((const char *)ctx->args[1]);
+}
+
+SEC("tracepoint/syscalls/sys_enter_open")
+int stash_open(struct trace_event_raw_sys_enter *ctx)
+{
+	return stash_path((const char *)ctx->args[0]);
+}
+
+SEC("tracepoint/syscalls/sys_enter_openat2")
+int stash_openat2(struct trace_event_raw_sys_enter *ctx)
+{
+	return stash_path((const char *)ctx->args[1]);
+}
+
+SEC("tracepoint/syscalls/sys_enter_creat")
+int stash_creat(struct trace_event_raw_sys_enter *ctx)
+{
+	return stash_path((const char *)ctx->args[0]);
+}
+
+/* Pod correlation for other collectors: keep container_pids (pid ->
+ * cgroup id) for processes in known pod cgroups, from process lifecycle
+ * tracepoints rather than by sampling syscalls. */
+static __always_inline __u64 task_cgroup_id(struct task_struct *task)
+{
+	return BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
+}
+
+static __always_inline void track_pid(__u32 pid, __u64 cgid)
+{
+	if (bpf_map_lookup_elem(&pod_info_map, &cgid))
+		bpf_map_update_elem(&container_pids, &pid, &cgid, BPF_ANY);
+	else
+		bpf_map_delete_elem(&container_pids, &pid);
+}
+
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(track_fork, struct task_struct *parent, struct task_struct *child)
+{
+	if (child->pid != child->tgid)
+		return 0;
+	track_pid(child->tgid, task_cgroup_id(child));
+	return 0;
+}
+
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(track_exec, struct task_struct *p, pid_t old_pid,
+	     struct linux_binprm *bprm)
+{
+	track_pid(p->tgid, task_cgroup_id(p));
+	return 0;
+}
+
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(track_exit, struct task_struct *p)
+{
+	__u32 pid = p->tgid;
+
+	if (p->pid == p->tgid)
+		bpf_map_delete_elem(&container_pids, &pid);
+	return 0;
+}
+
+SEC("tp_btf/cgroup_attach_task")
+int BPF_PROG(track_attach, struct cgroup *dst, const char *path,
+	     struct task_struct *task, bool threadgroup)
+{
+	/* Only the cgroup v2 hierarchy; runtimes move a process into its
+	 * container cgroup after fork. */
+	if (BPF_CORE_READ(dst, root, hierarchy_id) != 0)
+		return 0;
+	track_pid(task->tgid, BPF_CORE_READ(dst, kn, id));
+	return 0;
+}
+
+/* pod_syscall records (seed): sample 1 in sampling_rate syscalls of
+ * processes in known pod cgroups. Autoload is off when the rate is 0. */
+SEC("tracepoint/raw_syscalls/sys_enter")
+int trace_pod_syscalls(struct trace_event_raw_sys_enter *ctx)
+{
+	struct tapio_syscall *rec;
+	__u64 cgid, id;
+
+	if (!sampling_rate || bpf_get_prandom_u32() % sampling_rate)
+		return 0;
+	cgid = bpf_get_current_cgroup_id();
+	if (!bpf_map_lookup_elem(&pod_info_map, &cgid))
+		return 0;
+	rec = bpf_ringbuf_reserve(&events, sizeof(*rec), 0);
+	if (!rec) {
+		count(TAPIO_STAT_SYSCALL_DROPS);
+		return 0;
+	}
+	id = bpf_get_current_pid_tgid();
+	rec->kind = TAPIO_REC_SYSCALL;
+	rec->nr = ctx->id;
+	rec->ts_ns = bpf_ktime_get_ns();
+	rec->cgroup_id = cgid;
+	rec->pid = id >> 32;
+	rec->tid = (__u32)id;
+	bpf_get_current_comm(rec->comm, sizeof(rec->comm));
+	bpf_ringbuf_submit(rec, rb_flags());
+	return 0;
+}

@@ -1,0 +1,104 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* Wire structs shared by tapio.bpf.c and user space (_fast/wire.pxd mirrors
+ * this file; tests/kernel/test_wire.py checks the mirror against the BTF). */
+#ifndef __TAPIO_H
+#define __TAPIO_H
+
+#define TAPIO_COMM_LEN 16
+#define TAPIO_PATH_LEN 256
+#define TAPIO_NAME_LEN 64
+#define TAPIO_DNAME_LEN 64
+#define TAPIO_DNAMES 4
+#define TAPIO_UID_LEN 40
+#define TAPIO_CONTAINER_ID_LEN 72
+
+/* record kinds */
+#define TAPIO_REC_ACCESS 1
+#define TAPIO_REC_SYSCALL 2
+
+/* access record flags */
+#define TAPIO_F_PATH_TRUNC 0x1  /* the path did not fit */
+#define TAPIO_F_PATH_FAULT 0x2  /* the user buffer could not be read */
+#define TAPIO_F_BY_DEV 0x4      /* matched by device (per-volume tmpfs) */
+#define TAPIO_F_BY_DIR 0x8      /* matched by a watched parent directory */
+#define TAPIO_F_UNLINKED 0x10   /* the inode has no name left (subPath) */
+
+/* which syscall opened the file */
+#define TAPIO_OP_OPENAT 0
+#define TAPIO_OP_OPEN 1
+#define TAPIO_OP_OPENAT2 2
+#define TAPIO_OP_CREAT 3
+#define TAPIO_OP_OPEN_BY_HANDLE 4
+
+/* watched_devs flags */
+#define TAPIO_DEV_USE_GEN 0x1   /* the key carries i_generation */
+#define TAPIO_DEV_WHOLE 0x2     /* every file on the device is one volume */
+#define TAPIO_DEV_WALK 0x4      /* walk parents to a watched volume dir */
+
+/* counters (index into the per-CPU stats map) */
+#define TAPIO_STAT_DROPS 0      /* ring buffer reservation failed */
+#define TAPIO_STAT_HITS 1       /* watched opens seen */
+#define TAPIO_STAT_FD_RACE 2    /* fd gone before it could be read */
+#define TAPIO_STAT_SYSCALL_DROPS 3
+#define TAPIO_STAT_MAX 4
+
+struct tapio_inode_key {
+	__u32 dev;      /* kernel s_dev: major << 20 | minor */
+	__u32 gen;      /* i_generation, 0 unless TAPIO_DEV_USE_GEN */
+	__u64 ino;
+};
+
+struct tapio_watch {
+	__u32 volume_id;
+	__u32 file_id;  /* 0: resolve the key from the record's dnames */
+};
+
+struct tapio_dev {
+	__u32 flags;
+	__u32 volume_id;
+};
+
+struct tapio_pod_info {
+	char pod_uid[TAPIO_UID_LEN];
+	char namespace[TAPIO_NAME_LEN];
+	char pod_name[TAPIO_NAME_LEN * 4];
+	char container_id[TAPIO_CONTAINER_ID_LEN];
+	__s64 created_at;
+	__u32 qos;
+	__u32 flags;
+};
+
+struct tapio_access {
+	__u32 kind;     /* TAPIO_REC_ACCESS */
+	__u32 flags;
+	__u64 ts_ns;    /* CLOCK_MONOTONIC */
+	__u64 cgroup_id;
+	__u32 pid;
+	__u32 tid;
+	struct tapio_inode_key key;
+	struct tapio_watch watch;
+	__u32 op;
+	__s32 fd;
+	char comm[TAPIO_COMM_LEN];
+	char path[TAPIO_PATH_LEN];
+};
+
+/* A fallback match (TAPIO_F_BY_DEV / TAPIO_F_BY_DIR) has no file_id yet:
+ * it carries the file's name and up to three parents, nearest first, so
+ * user space can name the key without a second look at the disk. */
+struct tapio_access_ext {
+	struct tapio_access base;
+	char dnames[TAPIO_DNAMES][TAPIO_DNAME_LEN];
+};
+
+struct tapio_syscall {
+	__u32 kind;     /* TAPIO_REC_SYSCALL */
+	__u32 nr;
+	__u64 ts_ns;
+	__u64 cgroup_id;
+	__u32 pid;
+	__u32 tid;
+	char comm[TAPIO_COMM_LEN];
+};
+
+#endif /* __TAPIO_H */

@@ -1,0 +1,3 @@
+from tapio_node.cli import main
+
+raise SystemExit(main())
