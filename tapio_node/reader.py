@@ -1,0 +1,161 @@
+"""A tiny file reader run inside simulated containers by tests, demo and bench.
+
+    python -m tapio_node.reader --path P --count N [--syscall open|openat|openat2]
+        [--chdir DIR] [--at DIR] [--interval S] [--ready-fd FD] [--go-fd FD]
+
+Opens P (then reads it to EOF and closes it) N times with exactly the named
+syscall, issued through ``syscall(2)`` so that libc cannot substitute another
+one. ``--count 0`` loops until SIGTERM/SIGINT. A JSON summary goes to stdout
+at the end: ``{"pid", "path", "syscall", "opened", "failed", "errors", "bytes"}``.
+Exit status 0 when every open succeeded, 1 otherwise, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import json
+import os
+import platform
+import signal
+import sys
+import time
+
+# Syscall numbers per architecture; aarch64 has no open(2) at all.
+_SYSCALL_NR = {
+    "x86_64": {"open": 2, "openat": 257, "openat2": 437},
+    "aarch64": {"openat": 56, "openat2": 437},
+}
+AT_FDCWD = -100
+SYSCALLS = ("open", "openat", "openat2")
+
+
+class _OpenHow(ctypes.Structure):
+    # struct open_how from linux/openat2.h: three u64, 24 bytes.
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+class Opener:
+    """Issues one exact open syscall; returns an fd or raises OSError."""
+
+    def __init__(self, syscall: str, dirfd: int = AT_FDCWD):
+        machine = platform.machine()
+        table = _SYSCALL_NR.get(machine)
+        if table is None:
+            raise ValueError(f"unsupported architecture {machine!r}: expected one of {sorted(_SYSCALL_NR)}")
+        if syscall not in SYSCALLS:
+            raise ValueError(f"unknown syscall {syscall!r}: expected one of {', '.join(SYSCALLS)}")
+        if syscall not in table:
+            raise ValueError(f"{syscall}(2) does not exist on {machine}; use openat or openat2")
+        if syscall == "open" and dirfd != AT_FDCWD:
+            raise ValueError("open(2) has no directory fd; use --chdir instead of --at")
+        self.nr = table[syscall]
+        self.syscall = syscall
+        self.dirfd = dirfd
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc.syscall.restype = ctypes.c_long
+        self._flags = os.O_RDONLY | os.O_CLOEXEC
+        self._how = _OpenHow(self._flags, 0, 0)
+
+    def open(self, path: bytes) -> int:
+        sc = self._libc.syscall
+        if self.syscall == "open":
+            fd = sc(ctypes.c_long(self.nr), ctypes.c_char_p(path), ctypes.c_int(self._flags), ctypes.c_int(0))
+        elif self.syscall == "openat":
+            fd = sc(ctypes.c_long(self.nr), ctypes.c_int(self.dirfd), ctypes.c_char_p(path),
+                    ctypes.c_int(self._flags), ctypes.c_int(0))
+        else:
+            fd = sc(ctypes.c_long(self.nr), ctypes.c_int(self.dirfd), ctypes.c_char_p(path),
+                    ctypes.byref(self._how), ctypes.c_size_t(ctypes.sizeof(self._how)))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path.decode(errors="replace"))
+        return fd
+
+
+def _read_all(fd: int) -> int:
+    total = 0
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return total
+        total += len(chunk)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tapio_node.reader", description=__doc__.splitlines()[0])
+    p.add_argument("--path", required=True, help="file to open (relative to --chdir/--at when given)")
+    p.add_argument("--count", type=int, default=1, help="number of opens; 0 loops until killed")
+    p.add_argument("--syscall", choices=SYSCALLS, default="openat")
+    p.add_argument("--chdir", metavar="DIR", help="chdir to DIR first (for relative paths)")
+    p.add_argument("--at", metavar="DIR", help="open relative to a directory fd of DIR (openat/openat2)")
+    p.add_argument("--interval", type=float, default=0.0, help="seconds to sleep between opens")
+    p.add_argument("--ready-fd", type=int, metavar="FD", help="write 'ready\\n' to FD and close it before the first open")
+    p.add_argument("--go-fd", type=int, metavar="FD", help="block until FD is readable (a byte or EOF) before the first open")
+    args = p.parse_args(argv)
+    if args.count < 0:
+        p.error(f"--count must be >= 0, got {args.count}")
+    if args.interval < 0:
+        p.error(f"--interval must be >= 0, got {args.interval}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    stop = False
+
+    def _on_signal(signum, frame):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+    try:
+        if args.chdir:
+            os.chdir(args.chdir)
+        dirfd = AT_FDCWD
+        if args.at:
+            dirfd = os.open(args.at, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        opener = Opener(args.syscall, dirfd)
+    except (OSError, ValueError) as exc:
+        print(f"reader: {exc}", file=sys.stderr)
+        return 2
+
+    if args.ready_fd is not None:
+        os.write(args.ready_fd, b"ready\n")
+        os.close(args.ready_fd)
+    if args.go_fd is not None:
+        os.read(args.go_fd, 1)
+        os.close(args.go_fd)
+
+    path = os.fsencode(args.path)
+    opened = failed = nbytes = 0
+    errors: dict[str, int] = {}
+    i = 0
+    while not stop and (args.count == 0 or i < args.count):
+        i += 1
+        try:
+            fd = opener.open(path)
+        except OSError as exc:
+            failed += 1
+            name = errno.errorcode.get(exc.errno, str(exc.errno))
+            errors[name] = errors.get(name, 0) + 1
+        else:
+            opened += 1
+            try:
+                nbytes += _read_all(fd)
+            finally:
+                os.close(fd)
+        if args.interval and not stop and (args.count == 0 or i < args.count):
+            time.sleep(args.interval)
+
+    summary = {"pid": os.getpid(), "path": args.path, "syscall": args.syscall,
+               "opened": opened, "failed": failed, "errors": errors, "bytes": nbytes}
+    print(json.dumps(summary), flush=True)
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
