@@ -1,0 +1,1007 @@
+"""A real, kubelet-faithful simulated Kubernetes node, for the demo, tests and bench.
+
+Everything is real (needs root): a kubelet pods tree under a temp dir with
+secret and projected volumes each on their own tmpfs, the atomic writer's
+``..data`` layout and update sequence, cgroup v2 dirs named as the systemd or
+cgroupfs driver names them, ``/var/log/pods`` dirs, and container processes in
+private mount namespaces that see their volumes at in-container paths.
+
+    with SimulatedNode() as node:
+        pod = node.add_pod("shop", "web", [VolumeSpec("configmap", "app-config", {"app.yaml": b"x: 1\\n"})])
+        c = pod.add_container("web")
+        proc = c.run(reader_argv("/run/config/app-config/app.yaml", count=5))
+
+``close()`` (also run by ``with`` and at interpreter exit) kills every process
+it started (by pid), unmounts every mount under the node's dir, removes its
+cgroups and its temp dir; it is idempotent.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import ctypes
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+__all__ = [
+    "SimulationError", "VolumeSpec", "SimulatedNode", "SimPod", "SimContainer",
+    "atomic_write", "cgroup2_mount", "mounts_under", "reader_argv", "run_demo",
+]
+
+PLUGINS = {
+    "configmap": "kubernetes.io~configmap",
+    "secret": "kubernetes.io~secret",
+    "projected": "kubernetes.io~projected",
+}
+QOS_CLASSES = ("guaranteed", "burstable", "besteffort")
+DRIVERS = ("systemd", "cgroupfs")
+# Scope prefixes of the systemd driver per container runtime.
+RUNTIME_SCOPE = {"containerd": "cri-containerd-", "crio": "crio-", "docker": "docker-"}
+SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+DATA_DIR = "..data"
+DATA_TMP = "..data_tmp"
+# Characters of generated name suffixes (k8s.io/apimachinery/pkg/util/rand).
+_SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 32, 4096, 16384
+MNT_DETACH = 2
+
+
+class SimulationError(RuntimeError):
+    """The simulated node could not be built or torn down."""
+
+
+# --------------------------------------------------------------------------
+# small system helpers
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
+    enc = lambda s: None if s is None else os.fsencode(s)  # noqa: E731
+    if _libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype or 'bind'} {source} on {target}: {os.strerror(err)}")
+
+
+def _umount(target: str) -> None:
+    if _libc.umount2(os.fsencode(target), 0) != 0:
+        # Busy (a process still has it open): detach so teardown still completes.
+        if _libc.umount2(os.fsencode(target), MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+
+def _unescape_mountinfo(s: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+
+
+def _mountinfo() -> list[tuple[str, str]]:
+    """(mount point, fstype) of every mount in this process's namespace."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            out.append((_unescape_mountinfo(left.split()[4]), right.split()[0]))
+    return out
+
+
+def mounts_under(path: str) -> list[str]:
+    """Mount points at or below ``path`` in this mount namespace."""
+    path = os.path.realpath(path).rstrip("/")
+    return [mp for mp, _ in _mountinfo() if mp == path or mp.startswith(path + "/")]
+
+
+def cgroup2_mount() -> str:
+    """The cgroup v2 mount: /sys/fs/cgroup (unified), /sys/fs/cgroup/unified (hybrid), or any other."""
+    found = [mp for mp, fstype in _mountinfo() if fstype == "cgroup2"]
+    for preferred in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+        if preferred in found:
+            return preferred
+    if found:
+        return found[0]
+    raise SimulationError("no cgroup v2 mount found in /proc/self/mountinfo; mount one with "
+                          "'mount -t cgroup2 none /sys/fs/cgroup/unified'")
+
+
+def _check_dns_label(what: str, value: str) -> None:
+    if not isinstance(value, str) or len(value) > 63 or not _DNS1123_LABEL.match(value):
+        raise ValueError(f"{what} {value!r} is not a DNS-1123 label (lower-case alphanumerics and '-', at most 63)")
+
+
+def _check_dns_subdomain(what: str, value: str) -> None:
+    if not isinstance(value, str) or len(value) > 253 or not _DNS1123_SUBDOMAIN.match(value):
+        raise ValueError(f"{what} {value!r} is not a DNS-1123 subdomain (lower-case alphanumerics, '-', '.', at most 253)")
+
+
+def _check_component(what: str, value: str) -> None:
+    if not value or "/" in value or value in (".", "..") or "\0" in value:
+        raise ValueError(f"{what} {value!r} must be a single path component")
+
+
+def _suffix(n: int = 5) -> str:
+    return "".join(secrets.choice(_SUFFIX_ALPHABET) for _ in range(n))
+
+
+def _kill_pids(pids: list[int], sig: int = signal.SIGKILL) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _cgroup_pids(cgroup_dir: str) -> list[int]:
+    try:
+        with open(os.path.join(cgroup_dir, "cgroup.procs")) as f:
+            return [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _empty_and_remove_cgroup_tree(top: str) -> None:
+    """Kill (by pid) whatever still runs under ``top``, then rmdir it bottom-up."""
+    if not os.path.isdir(top):
+        return
+    for attempt in range(200):
+        pids = [p for d, _, _ in os.walk(top) for p in _cgroup_pids(d)]
+        if not pids:
+            break
+        _kill_pids(pids)
+        time.sleep(0.01)
+    else:
+        raise SimulationError(f"processes still in {top} after SIGKILL: {pids}")
+    for d, _, _ in os.walk(top, topdown=False):
+        # A just-killed task can linger as a zombie member for a moment (EBUSY).
+        for attempt in range(200):
+            try:
+                os.rmdir(d)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                if attempt == 199:
+                    raise SimulationError(f"cannot remove cgroup {d}: {exc}") from exc
+                time.sleep(0.01)
+
+
+# --------------------------------------------------------------------------
+# the kubelet's atomic writer (pkg/volume/util/atomic_writer.go)
+
+def _validate_payload(files: dict[str, bytes]) -> dict[str, bytes]:
+    clean = {}
+    for key, data in files.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"invalid key {key!r}: must be a non-empty string")
+        if key.startswith("/"):
+            raise ValueError(f"invalid key {key!r}: must be a relative path")
+        if len(key) > 4096:
+            raise ValueError(f"invalid key {key[:40]!r}...: longer than 4096 characters")
+        items = key.split("/")
+        if ".." in items:
+            raise ValueError(f"invalid key {key!r}: must not contain '..'")
+        if any(len(i) > 255 for i in items):
+            raise ValueError(f"invalid key {key!r}: a path element is longer than 255 characters")
+        if items[0].startswith("..") and len(items[0]) > 2:
+            raise ValueError(f"invalid key {key!r}: must not start with '..' (reserved by the atomic writer)")
+        if not isinstance(data, (bytes, bytearray)):
+            raise ValueError(f"content of key {key!r} must be bytes, got {type(data).__name__}")
+        clean[os.path.normpath(key)] = bytes(data)
+    return clean
+
+
+def _walk_rel(top: str) -> set[str]:
+    out = set()
+    for d, dirs, fnames in os.walk(top):
+        for n in dirs + fnames:
+            out.add(os.path.relpath(os.path.join(d, n), top))
+    return out
+
+
+def _new_ts_dir(target: str) -> str:
+    # os.MkdirTemp(dir, "..2006_01_02_15_04_05."): UTC time + Go's decimal random suffix.
+    prefix = time.strftime("..%Y_%m_%d_%H_%M_%S.", time.gmtime())
+    for _ in range(100):
+        path = os.path.join(target, prefix + str(secrets.randbits(32)))
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(path, 0o755)
+        return path
+    raise SimulationError(f"cannot create a timestamped dir in {target}")
+
+
+def atomic_write(target: str, files: dict[str, bytes], mode: int = 0o644) -> bool:
+    """Project ``files`` into ``target`` exactly as the kubelet's AtomicWriter.Write does.
+
+    Returns False (and touches nothing) when the content is unchanged and no
+    key disappeared, as the kubelet does.
+    """
+    payload = _validate_payload(files)
+    data_link = os.path.join(target, DATA_DIR)
+    # (2) the current timestamped dir
+    try:
+        old_ts = os.readlink(data_link)
+    except FileNotFoundError:
+        old_ts = ""
+    old_ts_path = os.path.join(target, old_ts)
+    to_remove: set[str] = set()
+    if old_ts:
+        # (3) user-visible paths that vanish with this payload
+        new_paths = set()
+        for key in payload:
+            sub = key
+            while sub:
+                new_paths.add(sub)
+                sub = os.path.dirname(sub)
+        to_remove = _walk_rel(old_ts_path) - new_paths
+        # (4) compare with what is on disk (the kubelet really opens the old files)
+        should = False
+        for key, data in payload.items():
+            old = os.path.join(old_ts_path, key)
+            if not os.path.lexists(old):
+                should = True
+                break
+            with open(old, "rb") as f:
+                if f.read() != data:
+                    should = True
+                    break
+        if not should and not to_remove:
+            return False
+    # (5) new timestamped dir, (6) payload into it
+    ts_path = _new_ts_dir(target)
+    ts_name = os.path.basename(ts_path)
+    for key, data in payload.items():
+        full = os.path.join(ts_path, key)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.chmod(full, mode)
+    # (7) ..data_tmp -> new dir, (8) renamed over ..data (the atomic switch)
+    tmp_link = os.path.join(target, DATA_TMP)
+    os.symlink(ts_name, tmp_link)
+    os.rename(tmp_link, data_link)
+    # (9) a symlink per top-level user-visible entry: k -> ..data/k
+    for key in payload:
+        top = key.split("/", 1)[0]
+        link = os.path.join(target, top)
+        if not os.path.islink(link):
+            os.symlink(os.path.join(DATA_DIR, top), link)
+    # (10) drop vanished top-level entries, (11) remove the old dir
+    for rel in to_remove:
+        if "/" not in rel:
+            os.remove(os.path.join(target, rel))
+    if old_ts:
+        shutil.rmtree(old_ts_path)
+    return True
+
+
+# --------------------------------------------------------------------------
+# code run in a fresh process: inside a container's mount namespace, or as the kubelet
+
+# Run with `python -I -S -c` so that only the stdlib is touched before exec.
+_CONTAINER_INIT = r'''
+import ctypes, json, os, sys
+spec = json.loads(sys.argv[1])
+argv = sys.argv[2:]
+# Join the container's cgroup first: every open from here on is attributed.
+with open(spec["cgroup_procs"], "w") as f:
+    f.write(str(os.getpid()))
+libc = ctypes.CDLL(None, use_errno=True)
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+def mount(src, tgt, fstype, flags, data=None):
+    e = lambda s: None if s is None else os.fsencode(s)
+    if libc.mount(e(src), e(tgt), e(fstype), ctypes.c_ulong(flags), e(data)) != 0:
+        err = ctypes.get_errno()
+        sys.stderr.write("container init: mount %s on %s: %s\n" % (src or fstype, tgt, os.strerror(err)))
+        os._exit(127)
+# unshare(1) made the namespace private already; make sure nothing propagates back.
+mount(None, "/", None, MS_REC | MS_PRIVATE)
+# A fresh /run (as in a container) so mount points are never created on the host.
+mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
+stage_n = 0
+def mirror(d):
+    # Replace d by a tmpfs that re-exposes d's entries, so new mount points can be made in it.
+    global stage_n
+    stage_n += 1
+    stage = "/run/.sim-stage/%d" % stage_n
+    os.makedirs(stage)
+    mount(d, stage, None, MS_BIND | MS_REC)
+    mount("tmpfs", d, "tmpfs", 0, "mode=%o" % (os.stat(stage).st_mode & 0o7777))
+    for ent in os.scandir(stage):
+        dst = os.path.join(d, ent.name)
+        if ent.is_symlink():
+            os.symlink(os.readlink(ent.path), dst)
+            continue
+        if ent.is_dir():
+            os.mkdir(dst)
+        else:
+            os.close(os.open(dst, os.O_CREAT | os.O_WRONLY, 0o600))
+        mount(ent.path, dst, None, MS_BIND | MS_REC)
+for target, source in spec["mounts"]:
+    real = os.path.realpath(target)
+    if not os.path.isdir(real):
+        anc = real
+        while not os.path.isdir(anc):
+            anc = os.path.dirname(anc)
+        if anc != "/run" and not anc.startswith("/run/"):
+            if anc == "/":
+                sys.stderr.write("container init: cannot create %s: no existing top-level dir\n" % target)
+                os._exit(127)
+            mirror(anc)
+        os.makedirs(real)
+    mount(source, real, None, MS_BIND | MS_REC)
+    # The kubelet mounts ConfigMap/Secret/projected volumes read-only.
+    mount(None, real, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+if spec.get("cwd"):
+    os.chdir(spec["cwd"])
+os.execvp(argv[0], argv)
+'''
+
+# The kubelet's atomic write, run as comm "kubelet" in the kubelet's own cgroup.
+_KUBELET_WRITE = r'''
+import ctypes, json, os, sys, base64
+spec = json.loads(sys.stdin.read())
+with open(spec["cgroup_procs"], "w") as f:
+    f.write(str(os.getpid()))
+ctypes.CDLL(None).prctl(15, b"kubelet", 0, 0, 0)  # PR_SET_NAME: comm as on a real node
+sys.path.insert(0, spec["repo"])
+from tapio_node.simulate import atomic_write
+files = {k: base64.b64decode(v) for k, v in spec["files"].items()}
+print(json.dumps(atomic_write(spec["target"], files)))
+'''
+
+
+def reader_argv(path: str, count: int = 1, syscall: str = "openat", chdir: str | None = None,
+                interval: float | None = None, ready_fd: int | None = None, go_fd: int | None = None,
+                at: str | None = None) -> list[str]:
+    """argv for ``python -m tapio_node.reader`` with these options."""
+    argv = [sys.executable, "-m", "tapio_node.reader", "--path", path, "--count", str(count), "--syscall", syscall]
+    for opt, val in (("--chdir", chdir), ("--at", at), ("--interval", interval),
+                     ("--ready-fd", ready_fd), ("--go-fd", go_fd)):
+        if val is not None:
+            argv += [opt, str(val)]
+    return argv
+
+
+def _child_env(env: dict[str, str] | None) -> dict[str, str]:
+    env = dict(os.environ if env is None else env)
+    # The reader must import tapio_node from any cwd inside the container.
+    pp = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = _REPO_ROOT + (os.pathsep + pp if pp else "")
+    return env
+
+
+# --------------------------------------------------------------------------
+# the node
+
+@dataclass
+class VolumeSpec:
+    """A pod-spec volume: ``kind`` "configmap" | "secret" | "projected"; ``name`` the
+    pod-spec volume name; ``files`` key -> content (keys may be nested, "a/b.txt");
+    ``source_name`` the ConfigMap/Secret object name (defaults to ``name``)."""
+    kind: str
+    name: str
+    files: dict[str, bytes]
+    source_name: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in PLUGINS:
+            raise ValueError(f"volume {self.name!r}: kind {self.kind!r} is not one of {', '.join(PLUGINS)}")
+        _check_dns_label("volume name", self.name)
+        _validate_payload(self.files)
+        if self.source_name is None:
+            self.source_name = self.name
+
+
+class SimContainer:
+    """A container of a simulated pod: its cgroup dir and the processes run in it."""
+
+    def __init__(self, pod: "SimPod", name: str, runtime: str = "containerd"):
+        self.pod = pod
+        self.name = name
+        self.runtime = runtime
+        self.id = secrets.token_hex(32)
+        node = pod.node
+        if node.driver == "systemd":
+            leaf = f"{RUNTIME_SCOPE[runtime]}{self.id}.scope"
+        else:
+            leaf = self.id
+        self.cgroup_dir = os.path.join(pod.cgroup_dir, leaf)
+        os.mkdir(self.cgroup_dir)
+        # bpf_get_current_cgroup_id() is the inode number of the cgroup v2 dir.
+        self.cgroup_id = os.stat(self.cgroup_dir).st_ino
+        self.log_dir = os.path.join(pod.log_dir, name)
+        os.makedirs(self.log_dir, exist_ok=True)
+        open(os.path.join(self.log_dir, "0.log"), "ab").close()
+        os.makedirs(os.path.join(pod.pod_dir, "containers", name), exist_ok=True)
+        self.processes: list[subprocess.Popen] = []
+
+    def default_mounts(self) -> dict[str, str]:
+        """In-container path -> host volume dir for every volume of the pod."""
+        out = {}
+        for vol in self.pod.volumes.values():
+            if vol.kind == "projected" and vol.name.startswith("kube-api-access-"):
+                out[SA_MOUNT] = self.pod.volume_dir(vol.name)
+            elif vol.kind == "configmap":
+                out[f"/run/config/{vol.name}"] = self.pod.volume_dir(vol.name)
+            elif vol.kind == "secret":
+                out[f"/run/secrets/{vol.name}"] = self.pod.volume_dir(vol.name)
+            else:
+                out[f"/run/projected/{vol.name}"] = self.pod.volume_dir(vol.name)
+        return out
+
+    def run(self, argv: list[str], mounts: dict[str, str] | None = None, cwd: str | None = None,
+            **popen_kwargs) -> subprocess.Popen:
+        """Start ``argv`` in this container: private mount namespace, volumes bind-mounted
+        (read-only) at their in-container paths (``mounts``; None -> ``default_mounts()``),
+        moved into this container's cgroup before exec, then chdir to ``cwd``.
+        Extra keyword arguments go to ``subprocess.Popen`` (stdout, pass_fds, env...)."""
+        if not argv:
+            raise ValueError("argv must not be empty")
+        if self.pod.removed:
+            raise SimulationError(f"pod {self.pod.namespace}/{self.pod.name} was removed")
+        mounts = self.default_mounts() if mounts is None else mounts
+        targets = sorted(mounts)
+        for t in targets:
+            if not os.path.isabs(t) or os.path.normpath(t) != t or t == "/":
+                raise ValueError(f"in-container path {t!r} must be absolute and normalised, not '/'")
+            if not os.path.isdir(mounts[t]):
+                raise ValueError(f"mount source {mounts[t]!r} for {t!r} is not a directory")
+            for other in targets:
+                if other != t and t.startswith(other + "/"):
+                    raise ValueError(f"in-container path {t!r} is inside another mount {other!r}")
+        spec = {"cgroup_procs": os.path.join(self.cgroup_dir, "cgroup.procs"),
+                "mounts": [[t, mounts[t]] for t in targets], "cwd": cwd}
+        cmd = ["unshare", "--mount", "--propagation", "private",
+               sys.executable, "-I", "-S", "-c", _CONTAINER_INIT, json.dumps(spec), *argv]
+        popen_kwargs["env"] = _child_env(popen_kwargs.get("env"))
+        proc = subprocess.Popen(cmd, **popen_kwargs)
+        self.processes.append(proc)
+        self.pod.node._register(proc)
+        return proc
+
+    def stop(self, grace: float = 2.0) -> None:
+        """SIGTERM every process of the container, SIGKILL what is left after ``grace`` s."""
+        pids = set(_cgroup_pids(self.cgroup_dir)) | {p.pid for p in self.processes if p.poll() is None}
+        _kill_pids(sorted(pids), signal.SIGTERM)
+        for p in self.processes:
+            try:
+                p.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        _kill_pids(_cgroup_pids(self.cgroup_dir))
+
+
+class SimPod:
+    """A pod of the simulated node."""
+
+    def __init__(self, node: "SimulatedNode", namespace: str, name: str, uid: str, qos: str):
+        self.node = node
+        self.namespace = namespace
+        self.name = name
+        self.uid = uid
+        self.qos = qos
+        self.pod_dir = os.path.join(node.pods_path, uid)
+        self.log_dir = os.path.join(node.logs_path, f"{namespace}_{name}_{uid}")
+        self.cgroup_dir = node._pod_cgroup_dir(uid, qos)
+        self.volumes: dict[str, VolumeSpec] = {}
+        self.containers: dict[str, SimContainer] = {}
+        self.tmpfs_mounts: list[str] = []
+        self.removed = False
+
+    def volume_dir(self, volume_name: str) -> str:
+        vol = self.volumes.get(volume_name)
+        if vol is None:
+            raise KeyError(f"pod {self.namespace}/{self.name} has no volume {volume_name!r}; "
+                           f"it has {sorted(self.volumes)}")
+        return os.path.join(self.pod_dir, "volumes", PLUGINS[vol.kind], vol.name)
+
+    @property
+    def service_account_volume(self) -> str | None:
+        for n in self.volumes:
+            if n.startswith("kube-api-access-"):
+                return n
+        return None
+
+    def _add_volume(self, vol: VolumeSpec) -> None:
+        if vol.name in self.volumes:
+            raise ValueError(f"pod {self.namespace}/{self.name}: duplicate volume name {vol.name!r}")
+        self.volumes[vol.name] = vol
+        path = self.volume_dir(vol.name)
+        os.makedirs(path, mode=0o750)
+        if vol.kind in ("secret", "projected"):
+            # Each secret/projected volume is its own tmpfs (own s_dev), as the kubelet does.
+            _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+            self.tmpfs_mounts.append(path)
+        atomic_write(path, vol.files)
+
+    def update_volume(self, volume_name: str, files: dict[str, bytes], as_kubelet: bool = True) -> bool:
+        """Replace the volume's content with the kubelet's atomic-writer sequence.
+
+        With ``as_kubelet`` the write runs in a child process named ``kubelet`` in
+        the node's ``kubelet.service`` cgroup (its reads of the old files are then
+        the kubelet's, as on a real node). Returns False when nothing changed."""
+        target = self.volume_dir(volume_name)
+        _validate_payload(files)
+        self.volumes[volume_name].files = dict(files)
+        if not as_kubelet:
+            return atomic_write(target, files)
+        spec = {"cgroup_procs": os.path.join(self.node.kubelet_cgroup, "cgroup.procs"), "repo": _REPO_ROOT,
+                "target": target, "files": {k: base64.b64encode(v).decode() for k, v in files.items()}}
+        r = subprocess.run([sys.executable, "-I", "-S", "-c", _KUBELET_WRITE], input=json.dumps(spec),
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SimulationError(f"kubelet atomic write into {target} failed: {r.stderr.strip()}")
+        return json.loads(r.stdout)
+
+    def add_container(self, name: str, runtime: str = "containerd") -> SimContainer:
+        _check_dns_label("container name", name)
+        if runtime not in RUNTIME_SCOPE:
+            raise ValueError(f"runtime {runtime!r} is not one of {', '.join(RUNTIME_SCOPE)}")
+        if name in self.containers:
+            raise ValueError(f"pod {self.namespace}/{self.name} already has a container {name!r}")
+        if self.removed:
+            raise SimulationError(f"pod {self.namespace}/{self.name} was removed")
+        c = SimContainer(self, name, runtime)
+        self.containers[name] = c
+        return c
+
+
+class SimulatedNode:
+    """A kubelet-faithful node in a temp dir. Use as a context manager, or call ``close()``."""
+
+    def __init__(self, base_dir: str | None = None, cgroup_parent: str | None = None, driver: str = "systemd"):
+        if driver not in DRIVERS:
+            raise ValueError(f"driver {driver!r} is not one of {', '.join(DRIVERS)}")
+        if os.geteuid() != 0:
+            raise SimulationError("a simulated node needs root (tmpfs mounts, cgroups, mount namespaces)")
+        self.driver = driver
+        self._closed = False
+        self._procs: list[subprocess.Popen] = []
+        self.pods: list[SimPod] = []
+        self._created: list[str] = []  # paths to remove at close, in order
+        self.cgroup_root = ""
+        if base_dir is None:
+            self.base_dir = tempfile.mkdtemp(prefix="tapio-sim-")
+            self._created.append(self.base_dir)
+        else:
+            os.makedirs(base_dir, exist_ok=True)
+            self.base_dir = os.path.realpath(base_dir)
+            if os.path.lexists(os.path.join(self.base_dir, "var")):
+                raise SimulationError(f"{self.base_dir}/var already exists; pass an empty base_dir")
+            self._created.append(os.path.join(self.base_dir, "var"))
+            self._created.append(os.path.join(self.base_dir, "etc"))
+        atexit.register(self.close)
+        try:
+            self.pods_path = os.path.join(self.base_dir, "var/lib/kubelet/pods")
+            self.logs_path = os.path.join(self.base_dir, "var/log/pods")
+            self.static_pods_path = os.path.join(self.base_dir, "etc/kubernetes/manifests")
+            for d in (self.pods_path, self.logs_path, self.static_pods_path):
+                os.makedirs(d)
+            parent = cgroup2_mount() if cgroup_parent is None else cgroup_parent
+            if not os.path.isfile(os.path.join(parent, "cgroup.procs")):
+                raise SimulationError(f"cgroup_parent {parent!r} is not a cgroup v2 dir (no cgroup.procs)")
+            self.cgroup_root = os.path.join(parent, f"tapio-sim-{os.getpid()}-{secrets.token_hex(4)}")
+            os.mkdir(self.cgroup_root)
+            # What the kubelet and systemd create at start.
+            for d in self._qos_dirs() + ["system.slice/kubelet.service"]:
+                os.makedirs(os.path.join(self.cgroup_root, d))
+            self.kubelet_cgroup = os.path.join(self.cgroup_root, "system.slice/kubelet.service")
+            self.pin_path = f"/sys/fs/bpf/tapio-sim-{secrets.token_hex(4)}"
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> "SimulatedNode":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- naming
+
+    def _qos_dirs(self) -> list[str]:
+        if self.driver == "systemd":
+            return ["kubepods.slice", "kubepods.slice/kubepods-burstable.slice",
+                    "kubepods.slice/kubepods-besteffort.slice"]
+        return ["kubepods", "kubepods/burstable", "kubepods/besteffort"]
+
+    def _pod_cgroup_dir(self, uid: str, qos: str) -> str:
+        if self.driver == "systemd":
+            u = uid.replace("-", "_")
+            if qos == "guaranteed":
+                rel = f"kubepods.slice/kubepods-pod{u}.slice"
+            else:
+                rel = f"kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{u}.slice"
+        else:
+            rel = f"kubepods/pod{uid}" if qos == "guaranteed" else f"kubepods/{qos}/pod{uid}"
+        return os.path.join(self.cgroup_root, rel)
+
+    # -- pods
+
+    def add_pod(self, namespace: str, name: str, volumes: list[VolumeSpec], uid: str | None = None,
+                qos: str = "burstable", service_account: bool = True) -> SimPod:
+        """Create a pod the way the kubelet does: pod cgroup, pod dir, volumes
+        (tmpfs for secret/projected), atomic-writer content, /var/log/pods dir."""
+        self._check_open()
+        _check_dns_label("namespace", namespace)
+        _check_dns_subdomain("pod name", name)
+        if qos not in QOS_CLASSES:
+            raise ValueError(f"qos {qos!r} is not one of {', '.join(QOS_CLASSES)}")
+        uid = str(uuid.uuid4()) if uid is None else uid
+        _check_component("pod uid", uid)
+        if any(p.uid == uid for p in self.pods):
+            raise ValueError(f"pod uid {uid!r} already exists on this node")
+        pod = SimPod(self, namespace, name, uid, qos)
+        self.pods.append(pod)
+        try:
+            os.makedirs(pod.cgroup_dir)
+            os.makedirs(pod.pod_dir, mode=0o750)
+            for sub in ("volumes", "plugins", "containers"):
+                os.mkdir(os.path.join(pod.pod_dir, sub), 0o750)
+            with open(os.path.join(pod.pod_dir, "etc-hosts"), "w") as f:
+                f.write(f"127.0.0.1\tlocalhost\n10.244.0.10\t{name}\n")
+            vols = list(volumes)
+            if service_account:
+                vols.append(VolumeSpec("projected", f"kube-api-access-{_suffix()}", {
+                    "token": _fake_token(namespace, name, uid),
+                    "ca.crt": _FAKE_CA,
+                    "namespace": namespace.encode(),
+                }))
+            for vol in vols:
+                pod._add_volume(VolumeSpec(vol.kind, vol.name, dict(vol.files), vol.source_name))
+            os.makedirs(pod.log_dir, mode=0o755)
+        except BaseException:
+            self.remove_pod(pod)
+            raise
+        return pod
+
+    def remove_pod(self, pod: SimPod) -> None:
+        """Kubelet-style teardown: stop containers, unmount tmpfs volumes, remove
+        volume dirs, pod dir, log dir and cgroups. Idempotent."""
+        if pod.removed:
+            return
+        pod.removed = True
+        errors = []
+        for c in pod.containers.values():
+            try:
+                c.stop()
+            except Exception as exc:  # keep tearing down
+                errors.append(f"stop {c.name}: {exc}")
+        for mp in reversed(pod.tmpfs_mounts):
+            try:
+                _umount(mp)
+            except OSError as exc:
+                errors.append(str(exc))
+        leftover = mounts_under(pod.pod_dir) if os.path.isdir(pod.pod_dir) else []
+        if leftover:
+            errors.append(f"mounts remain under {pod.pod_dir}: {leftover}")
+        else:
+            for d in (pod.pod_dir, pod.log_dir):
+                shutil.rmtree(d, ignore_errors=True)
+        try:
+            _empty_and_remove_cgroup_tree(pod.cgroup_dir)
+        except SimulationError as exc:
+            errors.append(str(exc))
+        if pod in self.pods:
+            self.pods.remove(pod)
+        if errors:
+            raise SimulationError(f"teardown of pod {pod.namespace}/{pod.name}: " + "; ".join(errors))
+
+    # -- host processes
+
+    def run_host(self, argv: list[str], **popen_kwargs) -> subprocess.Popen:
+        """Start a host process (no pod cgroup, host mount namespace), killed at close()."""
+        self._check_open()
+        popen_kwargs["env"] = _child_env(popen_kwargs.get("env"))
+        proc = subprocess.Popen(argv, **popen_kwargs)
+        self._register(proc)
+        return proc
+
+    def _register(self, proc: subprocess.Popen) -> None:
+        self._procs.append(proc)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SimulationError("the simulated node is closed")
+
+    # -- config
+
+    def config_yaml(self, **overrides) -> str:
+        """A tapio-node config (top-level ``kernel_collector:``) pointing at this node."""
+        import yaml
+
+        kc = {
+            "kubelet_pods_path": self.pods_path,
+            "pod_logs_path": self.logs_path,
+            "cgroup_root": self.cgroup_root,
+            "static_pods_path": self.static_pods_path,
+            "pin_path": self.pin_path,
+            "listen_address": f"127.0.0.1:{_free_port()}",
+        }
+        kc.update(overrides)
+        return yaml.safe_dump({"kernel_collector": kc}, sort_keys=False)
+
+    def write_config(self, **overrides) -> str:
+        """Write ``config_yaml(**overrides)`` into the node's dir; returns its path."""
+        path = os.path.join(self.base_dir, "var", f"tapio-node-{secrets.token_hex(3)}.yaml")
+        with open(path, "w") as f:
+            f.write(self.config_yaml(**overrides))
+        return path
+
+    # -- teardown
+
+    def close(self) -> None:
+        """Kill every process, unmount everything, remove cgroups and dirs. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        errors = []
+        for pod in list(self.pods):
+            try:
+                self.remove_pod(pod)
+            except Exception as exc:
+                errors.append(str(exc))
+        for p in self._procs:
+            if p.poll() is None:
+                _kill_pids([p.pid])
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                errors.append(f"process {p.pid} did not exit after SIGKILL")
+        if self.cgroup_root:
+            try:
+                _empty_and_remove_cgroup_tree(self.cgroup_root)
+            except Exception as exc:
+                errors.append(str(exc))
+        for mp in sorted(mounts_under(self.base_dir), key=len, reverse=True):
+            if any(mp == c or mp.startswith(c + "/") for c in self._created):
+                try:
+                    _umount(mp)
+                except OSError as exc:
+                    errors.append(str(exc))
+        left = [mp for mp in mounts_under(self.base_dir)
+                if any(mp == c or mp.startswith(c + "/") for c in self._created)]
+        if left:
+            errors.append(f"mounts remain, not removing files under them: {left}")
+        else:
+            for path in self._created:
+                shutil.rmtree(path, ignore_errors=True)
+        if os.path.isdir(getattr(self, "pin_path", "")):
+            shutil.rmtree(self.pin_path, ignore_errors=True)
+        if errors:
+            raise SimulationError("simulated node teardown: " + "; ".join(errors))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fake_token(namespace: str, name: str, uid: str) -> bytes:
+    b64 = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=")  # noqa: E731
+    header = b64({"alg": "RS256", "kid": "simulated"})
+    claims = b64({"aud": ["https://kubernetes.default.svc"], "iss": "https://kubernetes.default.svc",
+                  "kubernetes.io": {"namespace": namespace, "pod": {"name": name, "uid": uid},
+                                    "serviceaccount": {"name": "default"}},
+                  "sub": f"system:serviceaccount:{namespace}:default"})
+    sig = base64.urlsafe_b64encode(secrets.token_bytes(64)).rstrip(b"=")
+    return header + b"." + claims + b"." + sig
+
+
+_FAKE_CA = (b"-----BEGIN CERTIFICATE-----\n"
+            + base64.encodebytes(b"simulated cluster CA, not a real certificate " * 4)
+            + b"-----END CERTIFICATE-----\n")
+
+
+# --------------------------------------------------------------------------
+# the demo
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):
+    raise _Stop(signum)
+
+
+def build_demo_node(node: SimulatedNode) -> dict[str, SimPod]:
+    """Three pods in two namespaces, with ConfigMap, Secret and service-account volumes."""
+    web = node.add_pod("shop", "web-5d8f7c9b6-x2kqp", [
+        VolumeSpec("configmap", "app-config", {"app.yaml": b"replicas: 3\nlog_level: info\n",
+                                               "conf.d/extra.yaml": b"feature_x: true\n"}),
+        VolumeSpec("secret", "certs", {"tls.crt": b"-----BEGIN CERTIFICATE-----\n...\n",
+                                       "tls.key": b"-----BEGIN PRIVATE KEY-----\n...\n"}, source_name="web-tls"),
+    ])
+    db = node.add_pod("shop", "db-0", [
+        VolumeSpec("secret", "db-credentials", {"username": b"app\n", "password": b"s3cr3t\n"}),
+    ], qos="guaranteed")
+    batch = node.add_pod("reports", "nightly-report-29384756-abcde", [
+        VolumeSpec("configmap", "report-config", {"query.sql": b"SELECT 1;\n"}),
+    ], qos="besteffort")
+    return {"web": web, "db": db, "batch": batch}
+
+
+def _start_demo_readers(pods: dict[str, SimPod], out) -> None:
+    web, db, batch = pods["web"], pods["db"], pods["batch"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": out}
+    web.add_container("nginx").run(
+        reader_argv("/run/config/app-config/app.yaml", count=0, interval=1.5), **quiet)
+    # Relative path after chdir, through openat2.
+    web.add_container("tls-proxy").run(
+        reader_argv("tls.key", count=0, interval=2.0, syscall="openat2"), cwd="/run/secrets/certs", **quiet)
+    db.add_container("postgres").run(
+        reader_argv("/run/secrets/db-credentials/password", count=0, interval=2.0, syscall="open"), **quiet)
+    batch.add_container("report").run(
+        reader_argv(f"{SA_MOUNT}/token", count=0, interval=2.5), **quiet)
+
+
+def _summarise(line: bytes) -> str:
+    try:
+        ev = json.loads(line)
+    except ValueError:
+        return line.decode(errors="replace").rstrip("\n")
+    if not isinstance(ev, dict) or "event_type" not in ev:
+        return line.decode(errors="replace").rstrip("\n")
+    proc = ev.get("process") or {}
+    owner = f"{ev.get('namespace') or '?'}/{ev.get('pod_name') or ev.get('pod_uid') or '?'}"
+    who = f"{proc.get('command') or '?'}[{proc.get('pid')}]"
+    if proc.get("role"):
+        who += f" ({proc['role']})"
+    elif proc.get("pod_name"):
+        who += f" in {proc.get('namespace')}/{proc.get('pod_name')}"
+    elif proc.get("pod_uid") is None:
+        who += " on the host"
+    flag = "  CROSS-POD" if ev.get("cross_pod") else ""
+    ts = str(ev.get("timestamp", ""))[11:23]
+    return (f"{ts} {ev['event_type']:<17} {owner} {ev.get('config_name')}/{ev.get('file')} "
+            f"via {ev.get('path')!r} by {who}{flag}")
+
+
+def run_demo(start_collector: Callable[[str], object] | None = None, duration: float | None = None,
+             raw: bool = False, out=None) -> int:
+    """Build a demo node, start the collector on it, stream its events until
+    Ctrl-C/SIGTERM or ``duration`` seconds, then tear everything down.
+
+    ``start_collector(config_path)`` must return a ``subprocess.Popen`` whose
+    stdout is a pipe of JSON lines; by default it is
+    ``<python> -m tapio_node run --config <file> --output stdout``."""
+    out = sys.stdout if out is None else out
+    if start_collector is None:
+        def start_collector(cfg: str) -> subprocess.Popen:
+            return subprocess.Popen([sys.executable, "-m", "tapio_node", "run", "--config", cfg,
+                                     "--output", "stdout"], stdout=subprocess.PIPE, env=_child_env(None))
+    old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    collector = None
+    rc = 0
+    node = None
+    try:
+        node = SimulatedNode()
+        pods = build_demo_node(node)
+        cfg = node.write_config()
+        print(f"tapio-node demo: simulated node in {node.base_dir}, cgroups in {node.cgroup_root}", file=out)
+        for p in pods.values():
+            print(f"  pod {p.namespace}/{p.name} uid={p.uid} volumes={sorted(p.volumes)}", file=out)
+        collector = start_collector(cfg)
+        if isinstance(collector, subprocess.Popen):
+            node._register(collector)
+        _wait_healthy(node, cfg, collector)
+        _start_demo_readers(pods, out)
+        print("tapio-node demo: readers started; Ctrl-C to stop", file=out, flush=True)
+        rc = _stream(node, pods, collector, duration, raw, out)
+    except (KeyboardInterrupt, _Stop):
+        pass
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if isinstance(collector, subprocess.Popen) and collector.poll() is None:
+            collector.send_signal(signal.SIGTERM)
+            try:
+                collector.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                collector.kill()
+                collector.wait()
+        if node is not None:
+            node.close()
+            print("tapio-node demo: cleaned up (processes, mounts, cgroups, temp dir)", file=out, flush=True)
+    return rc
+
+
+def _wait_healthy(node: SimulatedNode, cfg: str, collector, limit: float = 30.0) -> None:
+    """Wait until /healthz answers 200 (or the collector exits), so no early access is missed."""
+    import urllib.request
+    import yaml
+
+    with open(cfg) as f:
+        addr = yaml.safe_load(f)["kernel_collector"]["listen_address"]
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if isinstance(collector, subprocess.Popen) and collector.poll() is not None:
+            raise SimulationError(f"the collector exited with status {collector.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"http://{addr}/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+
+
+def _stream(node: SimulatedNode, pods: dict[str, SimPod], collector, duration: float | None, raw: bool, out) -> int:
+    import selectors
+
+    stdout = getattr(collector, "stdout", None)
+    sel = selectors.DefaultSelector()
+    if stdout is not None:
+        os.set_blocking(stdout.fileno(), False)
+        sel.register(stdout, selectors.EVENT_READ)
+    start = time.monotonic()
+    updated = host_read = False
+    buf = b""
+    while duration is None or time.monotonic() - start < duration:
+        elapsed = time.monotonic() - start
+        if not updated and elapsed > 5:
+            updated = True
+            pods["web"].update_volume("app-config", {"app.yaml": b"replicas: 5\nlog_level: debug\n",
+                                                     "conf.d/extra.yaml": b"feature_x: false\n"})
+            print("tapio-node demo: ConfigMap app-config updated by the (simulated) kubelet", file=out, flush=True)
+        if not host_read and elapsed > 8:
+            host_read = True
+            path = os.path.join(pods["db"].volume_dir("db-credentials"), "password")
+            node.run_host(reader_argv(path, count=1), stdout=subprocess.DEVNULL)
+            print("tapio-node demo: a host process read shop/db-0's db-credentials", file=out, flush=True)
+        if isinstance(collector, subprocess.Popen) and collector.poll() is not None and not sel.get_map():
+            print(f"tapio-node demo: the collector exited with status {collector.returncode}", file=out)
+            return collector.returncode or 1
+        for key, _ in sel.select(timeout=0.5):
+            chunk = key.fileobj.read()
+            if chunk == b"":
+                sel.unregister(key.fileobj)
+                continue
+            buf += chunk or b""
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    print(line.decode(errors="replace") if raw else _summarise(line), file=out, flush=True)
+        if not sel.get_map():
+            time.sleep(0.5)
+    return 0
+
+
+def _main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tapio_node.simulate",
+                                description="run the demo node against the collector")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--raw", action="store_true", help="print the JSON lines as they are")
+    a = p.parse_args(argv)
+    return run_demo(duration=a.duration, raw=a.raw)
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))
