@@ -1,0 +1,184 @@
+"""Prometheus metrics (prefix `kernel_monitor_`, the seed's), on a private registry.
+
+Two kinds, as client_python's "Writing exporters" advises:
+
+- the daemon's own activity (accesses, correlations, processing time,
+  resyncs) is counted directly, exactly: `access(..., count=N)` adds N;
+- the daemon's state (BPF loaded, ring buffer, drops, watched volumes ...)
+  is read at scrape time from `register_state(fn)`, fn() -> DaemonState.
+
+Cardinality guard: at most `max_series` label sets over all labelled
+metrics; a new label set beyond that is counted under the label value
+`__overflow__` instead, and `kernel_monitor_series_dropped_total` counts the
+distinct label sets that were refused.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from . import __version__
+
+__all__ = ["Metrics", "DaemonState", "OVERFLOW", "PREFIX"]
+
+PREFIX = "kernel_monitor"
+OVERFLOW = "__overflow__"
+
+# Seconds per event in user space: microseconds normally, ms when busy.
+PROCESSING_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4,
+                      1e-3, 2.5e-3, 1e-2, 0.1, 1.0)
+
+_ACCESS_KIND = {
+    "configmap_access": "configmap",
+    "secret_access": "secret",
+    "projected_access": "projected",
+}
+
+
+class DaemonState(msgspec.Struct, kw_only=True):
+    """What the daemon knows about itself, read at each scrape and /healthz."""
+    ebpf_loaded: bool
+    ring_buffer_active: bool
+    events_processed: int
+    ring_buffer_drops: int
+    watched_volumes: int
+    watched_files: int
+    watched_pods: int
+    last_event_age_seconds: float | None
+    loop_heartbeat_age_seconds: float
+    backend: str
+    status: str
+
+
+class _StateCollector(Collector):
+    def __init__(self, metrics: "Metrics"):
+        self._metrics = metrics
+
+    def describe(self):
+        # Empty: the registry must not call collect() (and so the daemon's
+        # state function) at registration time.
+        return []
+
+    def collect(self):
+        fn = self._metrics._state_fn
+        state = None
+        if fn is not None:
+            try:
+                state = fn()
+            except Exception:  # a scrape must not fail because the daemon is mid-reload
+                state = None
+        info = InfoMetricFamily(f"{PREFIX}_build", "tapio-node version and hook backend in use",
+                                labels=["version", "backend"])
+        info.add_metric([__version__, state.backend if state else "none"], {})
+        yield info
+        up = GaugeMetricFamily(f"{PREFIX}_state_up", "1 if the daemon state could be read at this scrape")
+        up.add_metric([], 1 if state else 0)
+        yield up
+        if state is None:
+            return
+        p = PREFIX
+        yield _gauge(f"{p}_ebpf_loaded", "1 if the BPF programs are loaded and attached", int(state.ebpf_loaded))
+        yield _gauge(f"{p}_ring_buffer_active", "1 if the ring buffer is being polled", int(state.ring_buffer_active))
+        yield CounterMetricFamily(f"{p}_events_processed", "Events read from the ring buffer and processed",
+                                  value=state.events_processed)
+        yield CounterMetricFamily(f"{p}_ring_buffer_drops", "Events the kernel could not put in the ring buffer",
+                                  value=state.ring_buffer_drops)
+        yield _gauge(f"{p}_watched_volumes", "ConfigMap/Secret/projected volumes in the inode map", state.watched_volumes)
+        yield _gauge(f"{p}_watched_files", "Files (inodes) in the inode map", state.watched_files)
+        yield _gauge(f"{p}_watched_pods", "Pods with at least one watched volume", state.watched_pods)
+        yield _gauge(f"{p}_loop_heartbeat_age_seconds", "Seconds since the event loop last ran",
+                     state.loop_heartbeat_age_seconds)
+        if state.last_event_age_seconds is not None:
+            yield _gauge(f"{p}_last_event_age_seconds", "Seconds since the last event was processed",
+                         state.last_event_age_seconds)
+
+
+def _gauge(name, doc, value):
+    g = GaugeMetricFamily(name, doc)
+    g.add_metric([], value)
+    return g
+
+
+class Metrics:
+    """All of tapio-node's metrics; `registry` is what /metrics exposes."""
+
+    def __init__(self, max_series: int = 10000):
+        if max_series < 1:
+            raise ValueError(f"metrics_max_series must be >= 1, got {max_series!r}")
+        self.max_series = max_series
+        self.registry = CollectorRegistry(auto_describe=True)
+        r, p = self.registry, PREFIX
+        self._access = {
+            "configmap": Counter(f"{p}_configmap_access", "ConfigMap file opens", ["namespace", "configmap"], registry=r),
+            "secret": Counter(f"{p}_secret_access", "Secret file opens", ["namespace", "secret"], registry=r),
+            "projected": Counter(f"{p}_projected_access", "Projected volume file opens", ["namespace", "volume"], registry=r),
+        }
+        self._cross_pod = Counter(f"{p}_cross_pod_access", "Opens of another pod's volume file",
+                                  ["namespace", "kind"], registry=r)
+        self._correlation = Counter(f"{p}_pod_correlation", "Pod correlation operations", ["operation"], registry=r)
+        self._processing = Histogram(f"{p}_processing_duration_seconds", "User-space time to process one event",
+                                     ["event_type"], buckets=PROCESSING_BUCKETS, registry=r)
+        self._resyncs = Counter(f"{p}_resyncs", "Full rescans of the kubelet pods dir", ["reason"], registry=r)
+        self._discrepancies = Counter(f"{p}_resync_discrepancies",
+                                      "Map entries a resync had to add or remove (missed inotify events)", registry=r)
+        self._dropped = Counter(f"{p}_series_dropped",
+                                f"Label sets refused by the cardinality guard (counted under {OVERFLOW})", registry=r)
+        self._series: set[tuple] = set()
+        self._refused: set[tuple] = set()
+        self._state_fn: Callable[[], DaemonState] | None = None
+        r.register(_StateCollector(self))
+
+    # -- the daemon's activity
+
+    def access(self, event_type: str, namespace: str | None, name: str | None, count: int = 1,
+               cross_pod: bool = False) -> None:
+        """Count `count` opens of a file of volume/object `name` in `namespace`."""
+        kind = _ACCESS_KIND.get(event_type)
+        if kind is None:
+            raise ValueError(f"unknown access event type {event_type!r}; expected one of {sorted(_ACCESS_KIND)}")
+        labels = self._guard(kind, (namespace or "", name or ""))
+        self._access[kind].labels(*labels).inc(count)
+        if cross_pod:
+            self._cross_pod.labels(*self._guard("cross_pod", (namespace or "", kind))).inc(count)
+
+    def processing(self, event_type: str, seconds: float) -> None:
+        self._processing.labels(*self._guard("processing", (event_type,))).observe(seconds)
+
+    def correlation(self, operation: str, n: int = 1) -> None:
+        self._correlation.labels(*self._guard("correlation", (operation,))).inc(n)
+
+    def resync(self, reason: str, discrepancies: int = 0) -> None:
+        self._resyncs.labels(*self._guard("resync", (reason,))).inc()
+        if discrepancies:
+            self._discrepancies.inc(discrepancies)
+
+    # -- the daemon's state
+
+    def register_state(self, fn: Callable[[], DaemonState]) -> None:
+        """fn() is called at each scrape; it must be cheap and thread-safe (plain reads)."""
+        self._state_fn = fn
+
+    def state(self) -> DaemonState | None:
+        return self._state_fn() if self._state_fn is not None else None
+
+    @property
+    def series(self) -> int:
+        return len(self._series)
+
+    def _guard(self, metric: str, labels: tuple) -> tuple:
+        key = (metric, labels)
+        if key in self._series:
+            return labels
+        if len(self._series) < self.max_series:
+            self._series.add(key)
+            return labels
+        # Remember refused sets (bounded too) so each is counted once.
+        if key not in self._refused:
+            if len(self._refused) < self.max_series:
+                self._refused.add(key)
+            self._dropped.inc()
+        return (OVERFLOW,) * len(labels)
