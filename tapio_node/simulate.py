@@ -38,7 +38,8 @@ from typing import Callable
 
 __all__ = [
     "SimulationError", "VolumeSpec", "SimulatedNode", "SimPod", "SimContainer",
-    "atomic_write", "cgroup2_mount", "mounts_under", "reader_argv", "run_demo",
+    "Reader", "atomic_write", "cgroup2_mount", "mounts_under", "reader_argv", "run_demo",
+    "build_demo_node",
 ]
 
 PLUGINS = {
@@ -384,6 +385,62 @@ def reader_argv(path: str, count: int = 1, syscall: str = "openat", chdir: str |
     return argv
 
 
+class Reader:
+    """A ``tapio_node.reader`` process that has started and waits for ``go()``.
+
+    Python start-up, mount setup and chdir are done before ``go()``, so the
+    only opens of the target after ``go()`` are the reader's N opens."""
+
+    def __init__(self, start: Callable[..., subprocess.Popen], argv_kwargs: dict, **popen_kwargs):
+        ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()
+        try:
+            argv = reader_argv(ready_fd=ready_w, go_fd=go_r, **argv_kwargs)
+            popen_kwargs.setdefault("stdout", subprocess.PIPE)
+            popen_kwargs.setdefault("stderr", subprocess.PIPE)
+            self.proc = start(argv, pass_fds=(ready_w, go_r), **popen_kwargs)
+        except BaseException:
+            for fd in (ready_r, ready_w, go_r, go_w):
+                os.close(fd)
+            raise
+        os.close(ready_w)
+        os.close(go_r)
+        self._go_w = go_w
+        with os.fdopen(ready_r, "rb") as f:
+            line = f.readline()
+        if line != b"ready\n":
+            self.proc.wait()
+            os.close(go_w)
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+            raise SimulationError(f"reader {argv_kwargs} exited with status {self.proc.returncode} "
+                                  f"before it was ready: {err.strip()}")
+        self.pid = self.proc.pid
+
+    def go(self) -> None:
+        """Let the reader start opening."""
+        os.write(self._go_w, b"g")
+        os.close(self._go_w)
+        self._go_w = -1
+
+    def wait(self, timeout: float | None = 60) -> dict:
+        """Wait for the reader to finish; returns its JSON summary."""
+        if self._go_w >= 0:
+            self.go()
+        out, err = self.proc.communicate(timeout=timeout)
+        lines = (out or b"").decode(errors="replace").strip().splitlines()
+        if not lines:
+            raise SimulationError(f"reader {self.pid} printed no summary (status {self.proc.returncode}): "
+                                  f"{(err or b'').decode(errors='replace').strip()}")
+        return json.loads(lines[-1])
+
+    def stop(self) -> dict:
+        """SIGTERM a looping reader (``count=0``); returns its JSON summary."""
+        if self._go_w >= 0:
+            self.go()
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait()
+
+
 def _child_env(env: dict[str, str] | None) -> dict[str, str]:
     env = dict(os.environ if env is None else env)
     # The reader must import tapio_node from any cwd inside the container.
@@ -480,6 +537,14 @@ class SimContainer:
         self.processes.append(proc)
         self.pod.node._register(proc)
         return proc
+
+    def start_reader(self, path: str, count: int = 1, syscall: str = "openat", chdir: str | None = None,
+                     interval: float | None = None, at: str | None = None, mounts: dict[str, str] | None = None,
+                     cwd: str | None = None, **popen_kwargs) -> "Reader":
+        """Start a reader in this container; it is ready (set up) on return and opens after ``go()``."""
+        start = lambda argv, **kw: self.run(argv, mounts=mounts, cwd=cwd, **kw)  # noqa: E731
+        return Reader(start, dict(path=path, count=count, syscall=syscall, chdir=chdir, interval=interval, at=at),
+                      **popen_kwargs)
 
     def stop(self, grace: float = 2.0) -> None:
         """SIGTERM every process of the container, SIGKILL what is left after ``grace`` s."""
@@ -720,6 +785,12 @@ class SimulatedNode:
         self._register(proc)
         return proc
 
+    def start_host_reader(self, path: str, count: int = 1, syscall: str = "openat", chdir: str | None = None,
+                          interval: float | None = None, at: str | None = None, **popen_kwargs) -> "Reader":
+        """A reader on the host (no pod cgroup): e.g. a cross-pod read of a volume's host path."""
+        return Reader(self.run_host, dict(path=path, count=count, syscall=syscall, chdir=chdir,
+                                          interval=interval, at=at), **popen_kwargs)
+
     def _register(self, proc: subprocess.Popen) -> None:
         self._procs.append(proc)
 
@@ -846,9 +917,9 @@ def build_demo_node(node: SimulatedNode) -> dict[str, SimPod]:
     return {"web": web, "db": db, "batch": batch}
 
 
-def _start_demo_readers(pods: dict[str, SimPod], out) -> None:
+def _start_demo_readers(pods: dict[str, SimPod]) -> None:
     web, db, batch = pods["web"], pods["db"], pods["batch"]
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": out}
+    quiet = {"stdout": subprocess.DEVNULL}  # summaries are not shown; errors go to our stderr
     web.add_container("nginx").run(
         reader_argv("/run/config/app-config/app.yaml", count=0, interval=1.5), **quiet)
     # Relative path after chdir, through openat2.
@@ -883,13 +954,15 @@ def _summarise(line: bytes) -> str:
 
 
 def run_demo(start_collector: Callable[[str], object] | None = None, duration: float | None = None,
-             raw: bool = False, out=None) -> int:
+             raw: bool = False, out=None, wait_ready: bool = True) -> int:
     """Build a demo node, start the collector on it, stream its events until
     Ctrl-C/SIGTERM or ``duration`` seconds, then tear everything down.
 
     ``start_collector(config_path)`` must return a ``subprocess.Popen`` whose
     stdout is a pipe of JSON lines; by default it is
-    ``<python> -m tapio_node run --config <file> --output stdout``."""
+    ``<python> -m tapio_node run --config <file> --output stdout``. With
+    ``wait_ready`` the pods start reading only once the collector's /healthz
+    answers 200, so none of their opens happen before it is attached."""
     out = sys.stdout if out is None else out
     if start_collector is None:
         def start_collector(cfg: str) -> subprocess.Popen:
@@ -909,8 +982,9 @@ def run_demo(start_collector: Callable[[str], object] | None = None, duration: f
         collector = start_collector(cfg)
         if isinstance(collector, subprocess.Popen):
             node._register(collector)
-        _wait_healthy(node, cfg, collector)
-        _start_demo_readers(pods, out)
+        if wait_ready:
+            _wait_healthy(node, cfg, collector)
+        _start_demo_readers(pods)
         print("tapio-node demo: readers started; Ctrl-C to stop", file=out, flush=True)
         rc = _stream(node, pods, collector, duration, raw, out)
     except (KeyboardInterrupt, _Stop):

@@ -1,0 +1,89 @@
+"""Fixtures for kernel tests: capability checks with clear skip reasons, and a simulated node.
+
+Use ``@pytest.mark.usefixtures("require_root_bpf")`` (or ``pytestmark``) on tests that
+load BPF; ``sim_node`` needs root and cgroup v2 only.
+"""
+
+import os
+
+import pytest
+
+from tapio_node.simulate import SimulatedNode, SimulationError, cgroup2_mount
+
+BTF_PATH = "/sys/kernel/btf/vmlinux"
+
+
+def missing_root() -> str | None:
+    return None if os.geteuid() == 0 else "requires root"
+
+
+def missing_cgroup2() -> str | None:
+    try:
+        cgroup2_mount()
+    except SimulationError:
+        return "requires cgroup v2 (no cgroup2 mount in /proc/self/mountinfo)"
+    return None
+
+
+def missing_btf() -> str | None:
+    return None if os.path.exists(BTF_PATH) else f"requires BTF at {BTF_PATH}"
+
+
+def missing_bpffs() -> str | None:
+    with open("/proc/self/mountinfo") as f:
+        if any(line.split(" - ")[1].startswith("bpf ") for line in f if " - " in line):
+            return None
+    return "requires bpffs (mount -t bpf bpf /sys/fs/bpf, or `make mounts`)"
+
+
+def missing_root_bpf() -> str | None:
+    """The first missing capability for BPF tests, or None."""
+    for check in (missing_root, missing_btf, missing_cgroup2, missing_bpffs):
+        reason = check()
+        if reason:
+            return reason
+    return None
+
+
+@pytest.fixture
+def require_root_bpf():
+    """Skip unless root, BTF, cgroup v2 and bpffs are all there."""
+    reason = missing_root_bpf()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def require_root_cgroup2():
+    """Skip unless root and cgroup v2 (enough for a simulated node)."""
+    reason = missing_root() or missing_cgroup2()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def sim_node_factory(require_root_cgroup2):
+    """``make(**kwargs) -> SimulatedNode``; every node made is closed after the test,
+    and a teardown that leaves anything behind fails the test."""
+    nodes = []
+
+    def make(**kwargs) -> SimulatedNode:
+        node = SimulatedNode(**kwargs)
+        nodes.append(node)
+        return node
+
+    yield make
+    errors = []
+    for node in reversed(nodes):
+        try:
+            node.close()
+        except SimulationError as exc:
+            errors.append(str(exc))
+    if errors:
+        pytest.fail("simulated node teardown left things behind: " + "; ".join(errors))
+
+
+@pytest.fixture
+def sim_node(sim_node_factory) -> SimulatedNode:
+    """A SimulatedNode (systemd cgroup driver) in a fresh temp dir, closed after the test."""
+    return sim_node_factory()
