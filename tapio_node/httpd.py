@@ -1,0 +1,172 @@
+"""The HTTP endpoint on `listen_address`: GET /metrics and GET /healthz.
+
+A threaded WSGI server in a daemon thread, like prometheus_client's
+start_http_server, but closable (tests and reloads need the port back) and
+with /healthz next to /metrics.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import threading
+from collections.abc import Callable
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import make_wsgi_app
+
+from .metrics import DaemonState, Metrics
+
+__all__ = ["serve", "Server", "ListenError", "health", "parse_listen_address", "STUCK_AFTER"]
+
+# A loop that has not run for this long is stuck (the seed's watchdog is 30s+).
+STUCK_AFTER = 30.0
+
+
+class ListenError(OSError):
+    """The listen address is taken or not ours; the message names it."""
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """'127.0.0.1:9717', '[::1]:9717', 'localhost:0' -> (host, port)."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError(f"kernel_collector.listen_address must be HOST:PORT (e.g. 127.0.0.1:9717), got {value!r}")
+    host, _, port_s = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    try:
+        port = int(port_s)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ValueError(f"kernel_collector.listen_address {value!r}: port must be 0-65535")
+    if not host:
+        raise ValueError(f"kernel_collector.listen_address {value!r}: give a host, e.g. 127.0.0.1 (localhost only)")
+    return host, port
+
+
+def health(state: DaemonState | None, stuck_after: float = STUCK_AFTER) -> tuple[int, dict]:
+    """(HTTP status, /healthz body) for a daemon state; None = state unreadable."""
+    if state is None:
+        return 503, {"status": "unhealthy", "reason": "daemon state not available (starting or stopped)",
+                     "focus": "config_access"}
+    reason = None
+    if not state.ebpf_loaded:
+        reason = "eBPF programs are not loaded and attached"
+    elif not state.ring_buffer_active:
+        reason = "ring buffer is not being polled"
+    elif state.loop_heartbeat_age_seconds > stuck_after:
+        reason = (f"event loop stuck: last heartbeat {state.loop_heartbeat_age_seconds:.1f}s ago "
+                  f"(limit {stuck_after:g}s)")
+    body = {
+        "status": "unhealthy" if reason else "healthy",
+        "ebpf_loaded": state.ebpf_loaded,
+        "focus": "config_access",
+        "ring_buffer_active": state.ring_buffer_active,
+        "events_processed": state.events_processed,
+        "ring_buffer_drops": state.ring_buffer_drops,
+        "last_event_age_seconds": state.last_event_age_seconds,
+        "backend": state.backend,
+        "watched_volumes": state.watched_volumes,
+        "watched_pods": state.watched_pods,
+    }
+    if reason:
+        body["reason"] = reason
+    return (503 if reason else 200), body
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # scrapes every 15s would spam stderr
+        pass
+
+
+class Server:
+    """A running endpoint; close() stops it and frees the port."""
+
+    def __init__(self, httpd, thread, listen_address):
+        self._httpd = httpd
+        self._thread = thread
+        self.listen_address = listen_address
+        self.host, self.port = httpd.server_address[:2]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def close(self) -> None:
+        if self._thread is None:
+            return
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+        self._thread = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def make_app(metrics: Metrics, state_fn: Callable[[], DaemonState] | None, stuck_after: float):
+    metrics_app = make_wsgi_app(metrics.registry)
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics_app(environ, start_response)
+        if path == "/healthz":
+            try:
+                state = state_fn() if state_fn is not None else metrics.state()
+            except Exception as e:
+                code, body = 503, {"status": "unhealthy", "focus": "config_access",
+                                   "reason": f"reading daemon state failed: {e}"}
+            else:
+                code, body = health(state, stuck_after)
+            data = json.dumps(body).encode()
+            start_response("200 OK" if code == 200 else "503 Service Unavailable",
+                           [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+            return [data]
+        data = b"tapio-node: try /metrics or /healthz\n"
+        start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", str(len(data)))])
+        return [data]
+
+    return app
+
+
+def serve(listen_address: str, metrics: Metrics, state_fn: Callable[[], DaemonState] | None = None,
+          *, stuck_after: float = STUCK_AFTER) -> Server:
+    """Start serving /metrics and /healthz on listen_address ("host:port"; port 0 = any).
+
+    state_fn (default: the one given to metrics.register_state) feeds
+    /healthz; it is also registered for /metrics if metrics has none yet.
+    """
+    host, port = parse_listen_address(listen_address)
+    if state_fn is not None and metrics._state_fn is None:
+        metrics.register_state(state_fn)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ListenError(f"cannot listen on {listen_address}: host {host!r} does not resolve ({e.strerror}); "
+                          "fix kernel_collector.listen_address") from None
+    family, _, _, _, sockaddr = infos[0]
+
+    class ServerClass(_ThreadingWSGIServer):
+        address_family = family
+
+    try:
+        httpd = make_server(sockaddr[0], sockaddr[1], make_app(metrics, state_fn, stuck_after),
+                            server_class=ServerClass, handler_class=_QuietHandler)
+    except OSError as e:
+        raise ListenError(e.errno, f"cannot listen on {listen_address}: {e.strerror} "
+                          "(another tapio-node running? change kernel_collector.listen_address)") from None
+    thread = threading.Thread(target=httpd.serve_forever, name="tapio-httpd", daemon=True)
+    thread.start()
+    return Server(httpd, thread, listen_address)
