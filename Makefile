@@ -8,7 +8,7 @@ VPY       := $(VENV)/bin/python
 APT_PKGS  := clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev pkg-config \
              libsystemd-dev python3-venv python3-dev gcc make util-linux \
              iproute2 systemd procps
-PY_DEPS   := cython msgspec pyyaml prometheus-client inotify-simple \
+PY_DEPS   := setuptools wheel cython msgspec pyyaml prometheus-client inotify-simple \
              systemd-python pytest lightkube
 
 .PHONY: all deps venv build bpf verify test test-fast demo bench deb clean mounts

@@ -1,0 +1,212 @@
+"""The kernel side as one object: load, attach, pin, maps, ring buffer."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from importlib import resources
+
+from tapio_node import wire
+
+log = logging.getLogger("tapio_node.bpf")
+
+TRACEFS_ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+PINNED_MAPS = ("pod_info_map", "container_pids")
+# Programs that exist to name a tracepoint's path for the autoload check.
+TRACEPOINT_OF = {
+    "trace_config_access": "syscalls/sys_exit_openat",
+    "trace_config_access_open": "syscalls/sys_exit_open",
+    "trace_config_access_openat2": "syscalls/sys_exit_openat2",
+    "trace_config_access_creat": "syscalls/sys_exit_creat",
+    "trace_config_access_by_handle": "syscalls/sys_exit_open_by_handle_at",
+    "stash_openat": "syscalls/sys_enter_openat",
+    "stash_open": "syscalls/sys_enter_open",
+    "stash_openat2": "syscalls/sys_enter_openat2",
+    "stash_creat": "syscalls/sys_enter_creat",
+    "trace_pod_syscalls": "raw_syscalls/sys_enter",
+}
+CORRELATION_PROGRAMS = ("track_fork", "track_exec", "track_exit", "track_attach")
+
+
+class KernelUnavailable(RuntimeError):
+    """The daemon cannot use BPF here; the message says what is missing."""
+
+
+def object_path() -> str:
+    env = os.environ.get("TAPIO_BPF_OBJECT")
+    if env:
+        return env
+    return str(resources.files("tapio_node").joinpath("bpf", "tapio.bpf.o"))
+
+
+def tracefs_root() -> str | None:
+    for root in TRACEFS_ROOTS:
+        if os.path.isdir(os.path.join(root, "events")):
+            return root
+    return None
+
+
+def tracepoint_exists(tp: str) -> bool:
+    root = tracefs_root()
+    return bool(root) and os.path.isdir(os.path.join(root, "events", tp))
+
+
+def explain_unavailable() -> str | None:
+    """Why BPF cannot be used, before touching it (None: looks fine)."""
+    if os.geteuid() != 0:
+        return ("not running as root: loading BPF programs needs root or "
+                "CAP_BPF+CAP_PERFMON (run with sudo, or use the systemd unit)")
+    if not os.path.exists("/sys/kernel/btf/vmlinux"):
+        return ("no kernel BTF at /sys/kernel/btf/vmlinux: CO-RE needs a kernel "
+                "built with CONFIG_DEBUG_INFO_BTF=y")
+    if tracefs_root() is None:
+        return ("tracefs is not mounted: mount -t tracefs tracefs /sys/kernel/tracing")
+    if not tracepoint_exists("syscalls/sys_exit_openat"):
+        return ("the syscalls/sys_exit_openat tracepoint is missing: the kernel "
+                "needs CONFIG_FTRACE_SYSCALLS=y")
+    return None
+
+
+class Kernel:
+    """Loaded and attached tapio.bpf.o, its maps and its ring buffer."""
+
+    def __init__(self, *, ring_buffer_size: int = 256 * 1024, sampling_rate: int = 0,
+                 pod_correlation: bool = True, pin_path: str | None = None,
+                 force_enter_stash: bool = False):
+        from tapio_node import _fast  # import here: tests of pure parts need no build
+
+        self._fast = _fast
+        self.pin_path = pin_path
+        self.pinned: list[str] = []
+        self.backend = "tracepoint"
+        self.path_source = "pt_regs"
+        try:
+            self.obj = self._load(ring_buffer_size, sampling_rate, pod_correlation,
+                                  use_stash=force_enter_stash)
+        except _fast.BpfError as exc:
+            if force_enter_stash or exc.errno not in (errno.EINVAL, errno.EACCES, errno.EPERM):
+                raise
+            # bpf_task_pt_regs is newer than the rest (5.15): fall back to
+            # stashing the filename pointer at syscall entry.
+            log.warning("loading with bpf_task_pt_regs failed (%s); retrying "
+                        "with enter-tracepoint stashing", exc.strerror)
+            self.obj = self._load(ring_buffer_size, sampling_rate, pod_correlation,
+                                  use_stash=True)
+        if self.obj.get_u32(".rodata", "use_enter_stash"):
+            self.path_source = "enter_stash"
+        try:
+            for name in self.obj.programs():
+                if self.obj.autoload(name):
+                    self.obj.attach(name)
+            self.maps = {name: self.obj.map(name) for name in (
+                "watched_inodes", "watched_devs", "watched_dirs", "pod_info_map",
+                "container_pids", "stats")}
+            if pin_path:
+                self._pin(pin_path)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, rb_size, sampling_rate, pod_correlation, use_stash):
+        obj = self._fast.BpfObject(object_path())
+        obj.set_max_entries("events", rb_size)
+        obj.set_u32(".rodata", "sampling_rate", sampling_rate)
+        obj.set_u32(".rodata", "use_enter_stash", 1 if use_stash else 0)
+        for name in obj.programs():
+            tp = TRACEPOINT_OF.get(name)
+            want = True
+            if name.startswith("stash_"):
+                want = use_stash
+            elif name == "trace_pod_syscalls":
+                want = sampling_rate > 0
+            elif name in CORRELATION_PROGRAMS:
+                want = pod_correlation
+            if want and tp and not tracepoint_exists(tp):
+                # e.g. no sys_exit_open on arm64: skip it, like libbpf-tools.
+                log.info("tracepoint %s not present; %s not loaded", tp, name)
+                want = False
+            obj.set_autoload(name, want)
+        obj.load()
+        return obj
+
+    def _pin(self, pin_path: str) -> None:
+        os.makedirs(pin_path, mode=0o700, exist_ok=True)
+        for name in PINNED_MAPS:
+            path = os.path.join(pin_path, name)
+            if os.path.exists(path):
+                # A pin left by a run that did not exit cleanly.
+                os.unlink(path)
+            self.obj.pin(name, path)
+            self.pinned.append(path)
+
+    def programs(self) -> list[str]:
+        return self.obj.attached()
+
+    def reader(self, capacity: int = 8192, keep_timestamps: bool = True):
+        return self._fast.RingReader(self.obj.map_fd("events"), capacity, keep_timestamps)
+
+    def set_wakeup_bytes(self, n: int) -> None:
+        self.obj.set_u32(".bss", "wakeup_bytes", n)
+
+    def stats(self) -> dict[str, int]:
+        v = self.maps["stats"].percpu_sums(wire.STAT_MAX)
+        return {"drops": v[wire.STAT_DROPS], "hits": v[wire.STAT_HITS],
+                "fd_races": v[wire.STAT_FD_RACE], "syscall_drops": v[wire.STAT_SYSCALL_DROPS]}
+
+    def close(self) -> None:
+        obj = getattr(self, "obj", None)
+        if obj is None:
+            return
+        for path in self.pinned:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.pinned = []
+        if self.pin_path:
+            try:
+                os.rmdir(self.pin_path)
+            except OSError:
+                pass
+        obj.close()
+        self.obj = None
+
+
+class KernelMaps:
+    """The correlation maps, typed: what pods.py and other collectors use."""
+
+    def __init__(self, kernel: Kernel):
+        self._pods = kernel.maps["pod_info_map"]
+        self._pids = kernel.maps["container_pids"]
+
+    def put_pod_info(self, cgroup_id: int, info) -> None:
+        from tapio_node.pods import QOS
+
+        self._pods.update(wire.U64.pack(cgroup_id), wire.pack_pod_info(
+            info.pod_uid, info.namespace, info.pod_name, info.container_id,
+            int(info.created_at or 0), QOS.get(info.qos or "", 0)))
+
+    def delete_pod_info(self, cgroup_id: int) -> None:
+        self._pods.delete(wire.U64.pack(cgroup_id))
+
+    def put_container_pid(self, pid: int, cgroup_id: int) -> None:
+        self._pids.update(wire.U32.pack(pid), wire.U64.pack(cgroup_id))
+
+    def delete_container_pid(self, pid: int) -> None:
+        self._pids.delete(wire.U32.pack(pid))
+
+    def pod_info_items(self) -> list[tuple[int, bytes]]:
+        out = []
+        for key in self._pods.keys():
+            raw = self._pods.lookup(key)
+            if raw is not None:
+                out.append((wire.U64.unpack(key)[0], raw))
+        return out
+
+    def container_pid_items(self) -> list[tuple[int, int]]:
+        out = []
+        for key in self._pids.keys():
+            raw = self._pids.lookup(key)
+            if raw is not None:
+                out.append((wire.U32.unpack(key)[0], wire.U64.unpack(raw)[0]))
+        return out

@@ -1,0 +1,202 @@
+"""The YAML config: the seed's `kernel_collector:` keys plus ours,
+validated at the edge with msgspec; typed structs inside."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+
+import msgspec
+import yaml
+
+DEFAULT_CONFIG_PATH = "/etc/tapio-node/config.yaml"
+
+
+class ConfigError(Exception):
+    """One line naming the key and the problem."""
+
+    def __init__(self, key: str, problem: str, source: str | None = None):
+        self.key = key
+        self.problem = problem
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key}: {problem}")
+
+
+class KernelCollector(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # The seed's keys.
+    name: str = "kernel-config-monitor"
+    buffer_size: int = 1000
+    enable_ebpf: bool = True
+    monitor_configmaps: bool = True
+    monitor_secrets: bool = True
+    enable_pod_correlation: bool = True
+    syscall_sampling_rate: int = 0
+    kubelet_pods_path: str = "/var/lib/kubelet/pods"
+    configmap_volume_pattern: str = "kubernetes.io~configmap"
+    secret_volume_pattern: str = "kubernetes.io~secret"
+    # Ours.
+    monitor_projected: bool = True
+    projected_volume_pattern: str = "kubernetes.io~projected"
+    pod_logs_path: str = "/var/log/pods"
+    cgroup_root: str = "auto"
+    listen_address: str = "127.0.0.1:9717"
+    pin_path: str = "/sys/fs/bpf/tapio"
+    ring_buffer_size: int = 256 * 1024
+    kubelet_cgroups: list[str] = msgspec.field(default_factory=lambda: ["kubelet.service"])
+    kubelet_executables: list[str] = msgspec.field(default_factory=lambda: ["kubelet"])
+    journal_fold_window: float = 10.0
+    resync_interval: float = 60.0
+    metrics_max_series: int = 10000
+    # Pod specs (real ConfigMap/Secret names).
+    kubeconfig: str | None = None
+    node_name: str | None = None
+    static_pods_path: str = "/etc/kubernetes/manifests"
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True):
+    kernel_collector: KernelCollector = msgspec.field(default_factory=KernelCollector)
+
+
+_AT_RE = re.compile(r"^(.*?)(?: - at `\$\.?(.*)`)?$", re.S)
+
+
+def _explain(err: msgspec.ValidationError) -> tuple[str, str]:
+    match = _AT_RE.match(str(err))
+    problem, where = match.group(1), match.group(2) or ""
+    unknown = re.match(r"Object contains unknown field `(.+)`", problem)
+    if unknown:
+        key = f"{where}.{unknown.group(1)}" if where else unknown.group(1)
+        return key, "unknown key (check the spelling; see tapio-node(8) for the keys)"
+    return where or "(top level)", problem[0].lower() + problem[1:]
+
+
+def parse_config(text: str, source: str | None = None) -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "(file)"
+        raise ConfigError(where, f"not valid YAML: {getattr(exc, 'problem', exc)}", source)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("(top level)", "expected a mapping with a `kernel_collector:` key", source)
+    if raw.get("kernel_collector") is None:
+        raw["kernel_collector"] = {}
+    try:
+        cfg = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        key, problem = _explain(exc)
+        raise ConfigError(key, problem, source)
+    validate(cfg.kernel_collector, source)
+    return cfg
+
+
+def load_config(path: str | None) -> Config:
+    """Read and validate a config file; None means the defaults (and the
+    packaged /etc/tapio-node/config.yaml when it exists)."""
+    if path is None:
+        if not os.path.exists(DEFAULT_CONFIG_PATH):
+            cfg = Config()
+            validate(cfg.kernel_collector, None)
+            return cfg
+        path = DEFAULT_CONFIG_PATH
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}")
+    return parse_config(text, path)
+
+
+def _need_abs(kc: KernelCollector, key: str, source: str | None) -> str:
+    value = getattr(kc, key)
+    if not value or not os.path.isabs(value):
+        raise ConfigError(f"kernel_collector.{key}", f"must be an absolute path, got {value!r}", source)
+    return value
+
+
+def _dir_or_parent(kc: KernelCollector, key: str, source: str | None) -> None:
+    """A path the kubelet may not have made yet is fine; a path whose
+    parent does not exist either is most likely a typo."""
+    path = _need_abs(kc, key, source)
+    if not os.path.exists(path) and not os.path.isdir(os.path.dirname(path.rstrip("/"))):
+        raise ConfigError(f"kernel_collector.{key}",
+                          f"{path} does not exist, nor does its parent directory", source)
+
+
+def validate(kc: KernelCollector, source: str | None) -> None:
+    def bad(key: str, problem: str):
+        raise ConfigError(f"kernel_collector.{key}", problem, source)
+
+    if kc.buffer_size < 1:
+        bad("buffer_size", f"must be at least 1, got {kc.buffer_size}")
+    if kc.syscall_sampling_rate < 0:
+        bad("syscall_sampling_rate", "must be 0 (off) or a positive N (1 in N syscalls)")
+    rb = kc.ring_buffer_size
+    if rb < 4096 or rb & (rb - 1):
+        bad("ring_buffer_size", f"must be a power of two of at least 4096 bytes, got {rb}")
+    for key in ("configmap_volume_pattern", "secret_volume_pattern", "projected_volume_pattern"):
+        value = getattr(kc, key)
+        if not value or "/" in value:
+            bad(key, f"must be a kubelet volume plugin dir name like kubernetes.io~secret, got {value!r}")
+    _dir_or_parent(kc, "kubelet_pods_path", source)
+    _dir_or_parent(kc, "pod_logs_path", source)
+    _need_abs(kc, "pin_path", source)
+    _need_abs(kc, "static_pods_path", source)
+    if kc.cgroup_root != "auto":
+        if not os.path.isdir(_need_abs(kc, "cgroup_root", source)):
+            bad("cgroup_root", f"{kc.cgroup_root} is not a directory (use auto to find the cgroup v2 mount)")
+    if kc.kubeconfig is not None and not os.path.isabs(kc.kubeconfig):
+        bad("kubeconfig", f"must be an absolute path, got {kc.kubeconfig!r}")
+    if kc.journal_fold_window < 0:
+        bad("journal_fold_window", "must be >= 0 seconds")
+    if kc.resync_interval <= 0:
+        bad("resync_interval", "must be > 0 seconds")
+    if kc.metrics_max_series < 1:
+        bad("metrics_max_series", "must be at least 1")
+    try:
+        split_listen_address(kc.listen_address)
+    except ValueError as exc:
+        bad("listen_address", str(exc))
+
+
+def split_listen_address(addr: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port); port 0 means pick one."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port such as 127.0.0.1:9717, got {addr!r}")
+    host = host.strip("[]")
+    if host not in ("", "localhost"):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IP address (use 127.0.0.1 or ::1)")
+    return host or "0.0.0.0", int(port)
+
+
+def cgroup_v2_mount() -> str | None:
+    """Where the cgroup v2 hierarchy is mounted (unified or hybrid)."""
+    candidates = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as fh:
+            for line in fh:
+                left, _, right = line.partition(" - ")
+                if right.split(" ", 1)[0] == "cgroup2":
+                    candidates.append(left.split(" ")[4])
+    except OSError:
+        pass
+    for preferred in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+        if preferred in candidates:
+            return preferred
+    return candidates[0] if candidates else None
+
+
+def resolve_cgroup_root(kc: KernelCollector) -> str | None:
+    return cgroup_v2_mount() if kc.cgroup_root == "auto" else kc.cgroup_root
+
+
+def default_node_name() -> str:
+    return socket.gethostname()

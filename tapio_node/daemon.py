@@ -1,0 +1,506 @@
+"""The main loop: one thread, one epoll, the ring buffer drained a batch
+at a time; systemd notify/watchdog, SIGHUP reload, SIGTERM clean exit."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+import msgspec
+
+from tapio_node import __version__, events as ev, wire
+from tapio_node.config import ConfigError, KernelCollector, load_config, resolve_cgroup_root
+from tapio_node.sinks import JournalSinkAdapter, NullSink, StdoutSink
+
+log = logging.getLogger("tapio_node.daemon")
+
+# Adaptive wake-ups: below this rate the kernel wakes us per record (low
+# latency); above it only once WAKEUP_BYTES are pending, and we poll with
+# a short timeout so nothing waits longer than BUSY_POLL_MS.
+BUSY_RATE = 4000.0
+BUSY_POLL_MS = 2
+IDLE_POLL_MS = 250
+PERIODIC_SECONDS = 1.0
+RESTART_KEYS = ("ring_buffer_size", "pin_path", "listen_address", "syscall_sampling_rate",
+                "enable_ebpf", "enable_pod_correlation", "kubelet_pods_path", "cgroup_root",
+                "pod_logs_path", "kubeconfig", "node_name", "static_pods_path", "buffer_size")
+
+
+def plugins_for(kc: KernelCollector) -> dict[str, str]:
+    out = {}
+    if kc.monitor_configmaps:
+        out[kc.configmap_volume_pattern] = "configmap"
+    if kc.monitor_secrets:
+        out[kc.secret_volume_pattern] = "secret"
+    if kc.monitor_projected:
+        out[kc.projected_volume_pattern] = "projected"
+    return out
+
+
+def _human_rate(r: float) -> str:
+    return f"{r / 1000:.1f}k" if r >= 1000 else f"{r:.0f}"
+
+
+class Daemon:
+    def __init__(self, kc: KernelCollector, *, output: str = "stdout",
+                 config_path: str | None = None, stream=None, notifier=None):
+        self.kc = kc
+        self.output = output
+        self.config_path = config_path
+        self.stream = stream or sys.stdout
+        if notifier is None:
+            from tapio_node.notify import Notifier
+            notifier = Notifier()
+        self.notifier = notifier
+        self.clock = ev.Clock()
+        self.kernel = None
+        self.reader = None
+        self.volumes = None
+        self.pods = None
+        self.podspecs = None
+        self.http = None
+        self.sink = NullSink()
+        self.metrics = None
+        self.events_processed = 0
+        self.unresolved = 0
+        self.last_event_mono: float | None = None
+        self.heartbeat = time.monotonic()
+        self.ready = False
+        self.status_text = "starting"
+        self._stop = False
+        self._reload = False
+        self._rate = 0.0
+        self._busy = False
+        self._win_start = time.monotonic()
+        self._win_count = 0
+        self._sig_r = self._sig_w = None
+        self._epoll = None
+        self._mounts_fd = None
+        self._fd_handlers: dict[int, object] = {}
+
+    # -- state for /healthz and /metrics -----------------------------------
+    def state(self):
+        from tapio_node.metrics import DaemonState
+
+        now = time.monotonic()
+        drops = 0
+        if self.kernel is not None and self.kernel.obj is not None:
+            try:
+                drops = self.kernel.stats()["drops"]
+            except OSError:
+                pass
+        return DaemonState(
+            ebpf_loaded=bool(self.kernel is not None and self.kernel.obj is not None
+                             and self.kernel.programs()),
+            ring_buffer_active=self.reader is not None and self.ready,
+            events_processed=self.events_processed,
+            ring_buffer_drops=drops,
+            watched_volumes=len(self.volumes.volumes) if self.volumes else 0,
+            watched_files=self.volumes.file_count if self.volumes else 0,
+            watched_pods=self.volumes.pod_count if self.volumes else 0,
+            last_event_age_seconds=(now - self.last_event_mono) if self.last_event_mono else None,
+            loop_heartbeat_age_seconds=now - self.heartbeat,
+            backend=self.kernel.backend if self.kernel else "none",
+            status=self.status_text)
+
+    # -- start-up ----------------------------------------------------------
+    def _progress(self, done: int, total: int, files: int) -> None:
+        text = f"scanning kubelet volumes: {done}/{total} pods, {files} files"
+        self.notifier.status(text)
+        if sys.stderr.isatty():
+            sys.stderr.write("\r" + text)
+            if done == total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    def start(self) -> None:
+        from tapio_node.bpf import Kernel, KernelUnavailable, explain_unavailable
+        from tapio_node.metrics import Metrics
+        from tapio_node.volumes import VolumeIndex
+
+        kc = self.kc
+        self.metrics = Metrics(max_series=kc.metrics_max_series)
+        if not kc.enable_ebpf:
+            raise KernelUnavailable("enable_ebpf is false: nothing to collect (set it to true)")
+        reason = explain_unavailable()
+        if reason:
+            raise KernelUnavailable(reason)
+        self.notifier.status("loading BPF programs")
+        t0 = time.monotonic()
+        self.kernel = Kernel(ring_buffer_size=kc.ring_buffer_size,
+                             sampling_rate=kc.syscall_sampling_rate,
+                             pod_correlation=kc.enable_pod_correlation,
+                             pin_path=kc.pin_path)
+        log.info("attached %s (%s backend, paths from %s) in %.0f ms",
+                 ", ".join(self.kernel.programs()), self.kernel.backend,
+                 self.kernel.path_source, (time.monotonic() - t0) * 1000)
+        self.reader = self.kernel.reader(capacity=max(1024, kc.buffer_size * 8),
+                                         keep_timestamps=self.output == "stdout")
+        self.volumes = VolumeIndex(kc.kubelet_pods_path, plugins_for(kc), self.kernel.maps)
+        t1 = time.monotonic()
+        self.volumes.scan_all(progress=self._progress)
+        log.info("indexed %d files in %d volumes of %d pods in %.0f ms",
+                 self.volumes.file_count, len(self.volumes.volumes),
+                 self.volumes.pod_count, (time.monotonic() - t1) * 1000)
+        if kc.enable_pod_correlation:
+            self._start_pods()
+        self._start_podspecs()
+        self.sink = self._make_sink()
+        from tapio_node.httpd import serve
+
+        self.http = serve(kc.listen_address, self.metrics, self.state)
+        self._setup_loop()
+        self.ready = True
+        self._set_status()
+        self.notifier.ready(self.status_text)
+        log.info("ready: %s; serving %s", self.status_text, self.http.url
+                 if hasattr(self.http, "url") else kc.listen_address)
+
+    def _start_pods(self) -> None:
+        try:
+            from tapio_node.pods import PodRegistry
+        except ImportError:
+            log.warning("pod correlation unavailable in this build")
+            return
+        from tapio_node.bpf import KernelMaps
+
+        root = resolve_cgroup_root(self.kc)
+        if root is None:
+            log.warning("no cgroup v2 mount found: pod correlation off "
+                        "(mount cgroup2 or set kernel_collector.cgroup_root)")
+            return
+        self.pods = PodRegistry(
+            cgroup_root=root, pod_logs_path=self.kc.pod_logs_path,
+            kubelet_pods_path=self.kc.kubelet_pods_path,
+            kubelet_cgroups=self.kc.kubelet_cgroups,
+            kubelet_executables=self.kc.kubelet_executables,
+            maps=KernelMaps(self.kernel), metrics=self.metrics)
+        self.pods.start()
+
+    def _start_podspecs(self) -> None:
+        try:
+            from tapio_node import podspec
+        except ImportError:
+            return
+        try:
+            self.podspecs = podspec.from_config(self.kc, metrics=self.metrics)
+        except AttributeError:
+            return
+        if self.podspecs is not None:
+            self.podspecs.start()
+
+    def _make_sink(self):
+        if self.output == "stdout":
+            return StdoutSink(self.stream, self.clock)
+        if self.output == "journal":
+            from tapio_node.journal import JournalSink
+
+            return JournalSinkAdapter(JournalSink(window=self.kc.journal_fold_window), self.clock)
+        return NullSink()
+
+    def _setup_loop(self) -> None:
+        self._epoll = select.epoll()
+        self._sig_r, self._sig_w = socket.socketpair()
+        self._sig_r.setblocking(False)
+        self._sig_w.setblocking(False)
+        signal.set_wakeup_fd(self._sig_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        self._register(self._sig_r.fileno(), self._drain_signals)
+        self._register(self.reader.fileno(), None)
+        self._register(self.volumes.fileno(), self._on_volumes)
+        if self.pods is not None:
+            for fd in self.pods.filenos():
+                self._register(fd, self._on_pods)
+        # Mount table changes (a secret tmpfs mounted or unmounted) show as
+        # EPOLLPRI on /proc/self/mountinfo.
+        self._mounts_fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        self._epoll.register(self._mounts_fd, select.EPOLLPRI)
+        self._fd_handlers[self._mounts_fd] = self._on_mounts
+
+    def _register(self, fd: int, handler) -> None:
+        self._epoll.register(fd, select.EPOLLIN)
+        self._fd_handlers[fd] = handler
+
+    def _on_stop(self, signum, frame) -> None:
+        self._stop = True
+
+    def _on_hup(self, signum, frame) -> None:
+        self._reload = True
+
+    def _drain_signals(self) -> None:
+        try:
+            while self._sig_r.recv(64):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _on_volumes(self) -> None:
+        self.volumes.handle_io()
+
+    def _on_pods(self) -> None:
+        self.pods.handle_io()
+
+    def _on_mounts(self) -> None:
+        self.volumes.mounts_changed()
+
+    # -- the loop ----------------------------------------------------------
+    def run(self) -> int:
+        next_periodic = time.monotonic()
+        next_resync = time.monotonic() + self.kc.resync_interval
+        watchdog = self.notifier.watchdog_interval()
+        next_watchdog = time.monotonic()
+        while not self._stop:
+            now = time.monotonic()
+            self.heartbeat = now
+            timeout_ms = BUSY_POLL_MS if self._busy else IDLE_POLL_MS
+            timeout_ms = min(timeout_ms, max(0, int((next_periodic - now) * 1000)))
+            try:
+                ready = self._epoll.poll(timeout_ms / 1000.0)
+            except InterruptedError:
+                ready = []
+            for fd, _mask in ready:
+                handler = self._fd_handlers.get(fd)
+                if handler is not None:
+                    try:
+                        handler()
+                    except Exception:
+                        log.exception("handling fd %d", fd)
+            self._drain()
+            if self._reload:
+                self._reload = False
+                self.reload()
+            now = time.monotonic()
+            if watchdog and now >= next_watchdog:
+                self.notifier.watchdog()
+                next_watchdog = now + watchdog
+            if now >= next_periodic:
+                next_periodic = now + PERIODIC_SECONDS
+                self._periodic(now)
+            if now >= next_resync:
+                next_resync = now + self.kc.resync_interval
+                self.resync("periodic")
+        return 0
+
+    def _drain(self) -> None:
+        reader = self.reader
+        while True:
+            n = reader.consume()
+            if reader.pending:
+                self._process(reader.take())
+            if not reader.full and n == 0:
+                break
+        self.sink.flush()
+
+    def _periodic(self, now: float) -> None:
+        self.clock.refresh()
+        span = now - self._win_start
+        if span > 0:
+            self._rate = self._win_count / span
+        self._win_start, self._win_count = now, 0
+        busy = self._rate > BUSY_RATE
+        if busy != self._busy:
+            self._busy = busy
+            self.kernel.set_wakeup_bytes(self.kc.ring_buffer_size // 8 if busy else 0)
+        self.sink.tick(now)
+        self.volumes.prune_graveyard()
+        self._set_status()
+        self.notifier.status(self.status_text)
+
+    def _set_status(self) -> None:
+        drops = self.kernel.stats()["drops"] if self.kernel and self.kernel.obj else 0
+        self.status_text = (
+            f"watching {len(self.volumes.volumes)} volumes in {self.volumes.pod_count} pods, "
+            f"{_human_rate(self._rate)} events/s, {drops} drops")
+
+    def resync(self, reason: str) -> int:
+        changes = self.volumes.scan_all()
+        if self.pods is not None:
+            try:
+                changes += self.pods.resync()
+            except Exception:
+                log.exception("pod resync failed")
+        if self.metrics is not None:
+            self.metrics.resync(reason, changes)
+        if changes:
+            log.warning("%s resync fixed %d entries that inotify had missed", reason, changes)
+        return changes
+
+    # -- events ------------------------------------------------------------
+    def _process(self, groups) -> None:
+        t0 = time.perf_counter()
+        now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        volumes = self.volumes
+        pods = self.pods
+        specs = self.podspecs
+        metrics = self.metrics
+        rfc = self.clock.rfc3339
+        total = 0
+        for g in groups:
+            if g[0] != wire.REC_ACCESS:
+                total += self._syscall_group(g)
+                continue
+            (_, pid, tid, cgid, comm, _dev, _gen, _ino, vol_id, file_id, flags, op,
+             path, dnames, count, first, _last, stamps) = g
+            total += count
+            resolved = volumes.resolve(vol_id, file_id, dnames)
+            if resolved is None:
+                self.unresolved += count
+                continue
+            vol, key = resolved
+            event_type = ev.KIND_EVENT_TYPE[vol.kind]
+            namespace, pod_name = vol.namespace, None
+            proc = ev.ProcessInfo(pid=pid, command=comm, cgroup_id=cgid, tid=tid)
+            cross_pod = None
+            if pods is not None:
+                ns2, name2 = pods.pod_names(vol.pod_uid)
+                namespace, pod_name = ns2 or namespace, name2
+                acc = pods.accessor(cgid, pid, comm)
+                proc.container_id = acc.container_id
+                proc.pod_uid = acc.pod_uid
+                proc.namespace = acc.namespace
+                proc.pod_name = acc.pod_name
+                proc.role = acc.role
+                cross_pod = acc.role != "kubelet" and acc.pod_uid != vol.pod_uid
+            event = ev.AccessEvent(
+                event_type=event_type, timestamp=rfc(first), pod_uid=vol.pod_uid,
+                namespace=namespace, pod_name=pod_name, config_name=vol.name,
+                config_name_source="volume_name", volume_name=vol.name,
+                mount_path=vol.path, file=key, path=path, process=proc,
+                cross_pod=cross_pod, syscall=wire.OP_NAMES.get(op, str(op)),
+                stale_inode=bool(flags & wire.F_UNLINKED),
+                path_truncated=bool(flags & wire.F_PATH_TRUNC))
+            if specs is not None:
+                event = self._with_spec(event, vol, key)
+            metric_name = event.config_name if event_type != ev.PROJECTED_ACCESS else vol.name
+            metrics.access(event_type, event.namespace, metric_name, count)
+            if cross_pod:
+                metrics.cross_pod(event.namespace, vol.kind, count) if hasattr(metrics, "cross_pod") else None
+            self.sink.emit(event, count, stamps)
+            metrics.processing(event_type, (time.perf_counter() - t0))
+            if hasattr(metrics, "latency"):
+                metrics.latency((now_ns - first) / 1e9)
+        self.events_processed += total
+        self._win_count += total
+        if total:
+            self.last_event_mono = time.monotonic()
+
+    def _with_spec(self, event, vol, key):
+        meta = self.podspecs.get(vol.pod_uid)
+        if meta is None:
+            return event
+        changes = {"namespace": event.namespace or meta.namespace,
+                   "pod_name": event.pod_name or meta.name,
+                   "service_account": meta.service_account,
+                   "app": meta.app_name}
+        if meta.workload_kind and meta.workload_name:
+            changes["workload"] = ev.Workload(meta.workload_kind, meta.workload_name)
+        src = meta.resolve(vol.name, key)
+        if src is not None:
+            if src.name:
+                changes["config_name"] = src.name
+                changes["config_name_source"] = "pod_spec"
+            changes["source_kind"] = src.kind
+        return msgspec.structs.replace(event, **changes)
+
+    def _syscall_group(self, g) -> int:
+        (_, pid, tid, cgid, comm, nr, count, first, _last, _stamps) = g
+        if self.output != "stdout":
+            return count
+        proc = ev.ProcessInfo(pid=pid, command=comm, cgroup_id=cgid, tid=tid)
+        pod_uid = namespace = pod_name = None
+        if self.pods is not None:
+            acc = self.pods.accessor(cgid, pid, comm)
+            proc.container_id, proc.pod_uid = acc.container_id, acc.pod_uid
+            proc.namespace, proc.pod_name = acc.namespace, acc.pod_name
+            pod_uid, namespace, pod_name = acc.pod_uid, acc.namespace, acc.pod_name
+        event = ev.PodSyscallEvent(event_type=ev.POD_SYSCALL, timestamp=self.clock.rfc3339(first),
+                                   pod_uid=pod_uid, namespace=namespace, pod_name=pod_name,
+                                   syscall_nr=nr, count=count, process=proc)
+        self.sink.emit(event, 1, None)
+        return count
+
+    # -- reload and stop ---------------------------------------------------
+    def reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path).kernel_collector
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            self.notifier.ready(self.status_text)
+            return
+        old = self.kc
+        restart = [k for k in RESTART_KEYS if getattr(new, k) != getattr(old, k)]
+        if restart:
+            log.warning("reload: %s change only on restart; other changes applied",
+                        ", ".join(restart))
+            keep = {k: getattr(old, k) for k in restart}
+            new = msgspec.structs.replace(new, **keep)
+        self.kc = new
+        if plugins_for(new) != plugins_for(old):
+            self.volumes.plugins = plugins_for(new)
+            self.volumes.scan_all()
+        if new.journal_fold_window != old.journal_fold_window and self.output == "journal":
+            self.sink.journal.window = new.journal_fold_window
+        log.info("configuration reloaded from %s", self.config_path or "defaults")
+        self.notifier.ready(self.status_text)
+
+    def close(self) -> None:
+        self.notifier.stopping()
+        try:
+            if self.reader is not None and self.kernel is not None and self.kernel.obj is not None:
+                self._drain()
+        except Exception:
+            log.exception("final drain")
+        for part in (self.sink, self.http, self.podspecs, self.pods, self.volumes):
+            if part is None:
+                continue
+            try:
+                (part.stop if hasattr(part, "stop") and not hasattr(part, "close") else part.close)()
+            except Exception:
+                log.exception("closing %s", type(part).__name__)
+        self.reader = None
+        if self.kernel is not None:
+            self.kernel.close()
+        if self._epoll is not None:
+            self._epoll.close()
+        if self._mounts_fd is not None:
+            os.close(self._mounts_fd)
+        if self._sig_w is not None:
+            signal.set_wakeup_fd(-1)
+            self._sig_r.close()
+            self._sig_w.close()
+
+
+def run(config_path: str | None, output: str) -> int:
+    from tapio_node.bpf import KernelUnavailable
+
+    try:
+        kc = load_config(config_path).kernel_collector
+    except ConfigError as exc:
+        print(f"tapio-node: config error: {exc}", file=sys.stderr)
+        return 2
+    daemon = Daemon(kc, output=output, config_path=config_path)
+    try:
+        daemon.start()
+        return daemon.run()
+    except KernelUnavailable as exc:
+        print(f"tapio-node: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if getattr(exc, "errno", None) in (errno.EPERM, errno.EACCES):
+            print(f"tapio-node: cannot start: {exc} (needs root or CAP_BPF+CAP_PERFMON; "
+                  "run `tapio-node check`)", file=sys.stderr)
+            return 1
+        print(f"tapio-node: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    finally:
+        daemon.close()

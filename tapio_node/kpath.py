@@ -1,0 +1,70 @@
+"""Kubelet volume paths and the names found in them.
+
+parse_volume_path has a Cython twin in _fast; TAPIO_PURE_PYTHON=1 selects
+this one everywhere (tests run both).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+# Pod UIDs are RFC 4122 UUIDs as the API server generates them.
+POD_UID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# Static pods get a 32-hex config hash as UID instead.
+STATIC_UID_RE = re.compile(r"^[0-9a-f]{32}$")
+DNS1123_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS1123_SUBDOMAIN_RE = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# A volume name is a DNS-1123 label (<= 63).
+MAX_LABEL = 63
+MAX_SUBDOMAIN = 253
+# Atomic-writer payload dirs: "..2006_01_02_15_04_05.<random>".
+TIMESTAMP_DIR_RE = re.compile(r"^\.\.\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2}\.\d+$")
+
+
+def _py_parse_volume_path(path: str, pods_root: str):
+    """'<pods_root>/<uid>/volumes/<plugin>/<volume>[/<key>]' ->
+    (uid, plugin, volume, key or ''), or None."""
+    root = pods_root.rstrip("/") or "/"
+    if not path.startswith(root + "/"):
+        return None
+    parts = path[len(root) + 1:].split("/", 4)
+    if len(parts) < 4 or parts[1] != "volumes" or not all(parts[:4]):
+        return None
+    key = parts[4].rstrip("/") if len(parts) == 5 else ""
+    return parts[0], parts[2], parts[3], key
+
+
+if os.environ.get("TAPIO_PURE_PYTHON"):
+    parse_volume_path = _py_parse_volume_path
+else:
+    try:
+        from tapio_node._fast import parse_volume_path
+    except ImportError:  # extension not built: the twin is exact, only slower
+        parse_volume_path = _py_parse_volume_path
+
+
+def valid_pod_uid(uid: str) -> bool:
+    return bool(POD_UID_RE.match(uid) or STATIC_UID_RE.match(uid))
+
+
+def valid_label(name: str) -> bool:
+    return len(name) <= MAX_LABEL and bool(DNS1123_LABEL_RE.match(name))
+
+
+def valid_subdomain(name: str) -> bool:
+    return len(name) <= MAX_SUBDOMAIN and bool(DNS1123_SUBDOMAIN_RE.match(name))
+
+
+def key_from_dnames(dnames: tuple[str, ...]) -> str | None:
+    """The user-visible key of a file matched by device or parent dir,
+    from its name and its parents' (nearest first): the names below the
+    atomic writer's '..<timestamp>' dir."""
+    names = []
+    for name in dnames:
+        if name.startswith(".."):
+            return "/".join(reversed(names)) if names else None
+        if not name or name == "/":
+            break
+        names.append(name)
+    return dnames[0] if dnames and dnames[0] and not dnames[0].startswith("..") else None

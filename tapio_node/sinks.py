@@ -1,0 +1,94 @@
+"""Where events go: stdout JSON lines, the journal, or nowhere (metrics
+only). Every sink takes a folded group: one event with a count and the
+kernel timestamps of each access."""
+from __future__ import annotations
+
+import os
+import select
+import sys
+
+import msgspec
+
+from tapio_node import events as ev
+
+_PLACEHOLDER = "\x00tapio-ts\x00"
+
+
+class StdoutSink:
+    """One JSON object per line per access, exact: a group of N accesses
+    writes N lines, each with its own kernel timestamp."""
+
+    def __init__(self, stream=None, clock: ev.Clock | None = None):
+        self.fd = (stream or sys.stdout).fileno()
+        self.clock = clock or ev.Clock()
+        self._buf = bytearray()
+        self.lines = 0
+
+    def emit(self, event, count: int, stamps: list[int] | None) -> None:
+        if not stamps or count == 1:
+            self._buf += ev.encode(event)
+            self._buf += b"\n"
+            self.lines += 1
+            return
+        # Encode once, then splice each access's timestamp in.
+        head, tail = ev.encode(msgspec.structs.replace(event, timestamp=_PLACEHOLDER)).split(
+            _PLACEHOLDER.encode().replace(b"\x00", b"\\u0000"), 1)
+        rfc = self.clock.rfc3339
+        parts = [b"".join((head, rfc(ts).encode(), tail, b"\n")) for ts in stamps]
+        self._buf += b"".join(parts)
+        self.lines += len(parts)
+
+    def flush(self) -> None:
+        if not self._buf:
+            return
+        data, self._buf = bytes(self._buf), bytearray()
+        off = 0
+        while off < len(data):
+            try:
+                off += os.write(self.fd, data[off:])
+            except BlockingIOError:
+                select.select([], [self.fd], [], 1.0)
+
+    def tick(self, now: float) -> None:
+        self.flush()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class JournalSinkAdapter:
+    """The folding journal sink behind the common sink interface."""
+
+    def __init__(self, journal, clock: ev.Clock):
+        self.journal = journal
+        self.clock = clock
+
+    def emit(self, event, count: int, stamps: list[int] | None) -> None:
+        first = last = None
+        if stamps:
+            first = self.clock.rfc3339(stamps[0])
+            last = self.clock.rfc3339(stamps[-1])
+        self.journal.emit(event, count=count, first_ts=first, last_ts=last)
+
+    def flush(self) -> None:
+        pass
+
+    def tick(self, now: float) -> None:
+        self.journal.tick(now)
+
+    def close(self) -> None:
+        self.journal.close()
+
+
+class NullSink:
+    def emit(self, event, count, stamps) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def tick(self, now: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
