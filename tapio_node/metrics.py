@@ -32,6 +32,9 @@ OVERFLOW = "__overflow__"
 PROCESSING_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4,
                       1e-3, 2.5e-3, 1e-2, 0.1, 1.0)
 
+# Kernel-to-user-space delay: wake-ups are batched when busy (a few ms).
+LATENCY_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25, 1.0, 5.0)
+
 _ACCESS_KIND = {
     "configmap_access": "configmap",
     "secret_access": "secret",
@@ -122,6 +125,9 @@ class Metrics:
         self._correlation = Counter(f"{p}_pod_correlation", "Pod correlation operations", ["operation"], registry=r)
         self._processing = Histogram(f"{p}_processing_duration_seconds", "User-space time to process one event",
                                      ["event_type"], buckets=PROCESSING_BUCKETS, registry=r)
+        self._latency = Histogram(f"{p}_event_latency_seconds",
+                                  "Time from the kernel recording an open to user space handling it",
+                                  buckets=LATENCY_BUCKETS, registry=r)
         self._resyncs = Counter(f"{p}_resyncs", "Full rescans of the kubelet pods dir", ["reason"], registry=r)
         self._discrepancies = Counter(f"{p}_resync_discrepancies",
                                       "Map entries a resync had to add or remove (missed inotify events)", registry=r)
@@ -143,7 +149,14 @@ class Metrics:
         labels = self._guard(kind, (namespace or "", name or ""))
         self._access[kind].labels(*labels).inc(count)
         if cross_pod:
-            self._cross_pod.labels(*self._guard("cross_pod", (namespace or "", kind))).inc(count)
+            self.cross_pod(namespace, kind, count)
+
+    def cross_pod(self, namespace: str | None, kind: str, count: int = 1) -> None:
+        """Count opens of `kind` ("configmap", "secret", "projected") by a process of another pod."""
+        self._cross_pod.labels(*self._guard("cross_pod", (namespace or "", kind))).inc(count)
+
+    def latency(self, seconds: float) -> None:
+        self._latency.observe(seconds)
 
     def processing(self, event_type: str, seconds: float) -> None:
         self._processing.labels(*self._guard("processing", (event_type,))).observe(seconds)

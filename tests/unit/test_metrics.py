@@ -44,6 +44,9 @@ def test_exact_access_counts():
                volume="kube-api-access-abcde") == 2
     assert val(s, "kernel_monitor_cross_pod_access_total", namespace="kube-system", kind="projected") == 2
     assert val(s, "kernel_monitor_cross_pod_access_total", namespace="prod", kind="secret") is None
+    m.cross_pod("prod", "secret", 4)
+    s = scrape(m)
+    assert val(s, "kernel_monitor_cross_pod_access_total", namespace="prod", kind="secret") == 4
 
 
 def test_other_counters_and_histogram():
@@ -54,7 +57,11 @@ def test_other_counters_and_histogram():
     m.resync("inotify_overflow", discrepancies=0)
     m.processing("secret_access", 2e-6)
     m.processing("secret_access", 0.5)
+    m.latency(0.003)
     s = scrape(m)
+    assert val(s, "kernel_monitor_event_latency_seconds_count") == 1
+    assert val(s, "kernel_monitor_event_latency_seconds_bucket", le="0.0025") == 0
+    assert val(s, "kernel_monitor_event_latency_seconds_bucket", le="0.005") == 1
     assert val(s, "kernel_monitor_pod_correlation_total", operation="pod_added") == 3
     assert val(s, "kernel_monitor_pod_correlation_total", operation="cgroup_lookup_miss") == 1
     assert val(s, "kernel_monitor_resyncs_total", reason="periodic") == 1
