@@ -1,0 +1,1 @@
+"""tapio-node benchmark suite: python -m bench (see bench/README.md)."""
