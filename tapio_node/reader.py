@@ -1,7 +1,7 @@
 """A tiny file reader run inside simulated containers by tests, demo and bench.
 
     python -m tapio_node.reader --path P --count N [--syscall open|openat|openat2]
-        [--chdir DIR] [--at DIR] [--interval S] [--ready-fd FD] [--go-fd FD]
+        [--chdir DIR] [--at DIR] [--interval S] [--comm NAME] [--ready-fd FD] [--go-fd FD]
 
 Opens P (then reads it to EOF and closes it) N times with exactly the named
 syscall, issued through ``syscall(2)`` so that libc cannot substitute another
@@ -91,6 +91,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chdir", metavar="DIR", help="chdir to DIR first (for relative paths)")
     p.add_argument("--at", metavar="DIR", help="open relative to a directory fd of DIR (openat/openat2)")
     p.add_argument("--interval", type=float, default=0.0, help="seconds to sleep between opens")
+    p.add_argument("--comm", help="set the process name (comm, at most 15 bytes) before opening, e.g. nginx")
     p.add_argument("--ready-fd", type=int, metavar="FD", help="write 'ready\\n' to FD and close it before the first open")
     p.add_argument("--go-fd", type=int, metavar="FD", help="block until FD is readable (a byte or EOF) before the first open")
     args = p.parse_args(argv)
@@ -119,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.at:
             dirfd = os.open(args.at, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         opener = Opener(args.syscall, dirfd)
+        if args.comm:
+            # PR_SET_NAME: the kernel reports this comm with every open that follows.
+            ctypes.CDLL(None).prctl(15, os.fsencode(args.comm)[:15], 0, 0, 0)
     except (OSError, ValueError) as exc:
         print(f"reader: {exc}", file=sys.stderr)
         return 2

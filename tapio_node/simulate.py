@@ -369,16 +369,21 @@ ctypes.CDLL(None).prctl(15, b"kubelet", 0, 0, 0)  # PR_SET_NAME: comm as on a re
 sys.path.insert(0, spec["repo"])
 from tapio_node.simulate import atomic_write
 files = {k: base64.b64decode(v) for k, v in spec["files"].items()}
-print(json.dumps(atomic_write(spec["target"], files)))
+written = atomic_write(spec["target"], files)
+with open("/proc/self/cgroup") as f:
+    cgroup = [l.strip()[3:] for l in f if l.startswith("0::")]
+with open("/proc/self/comm") as f:
+    comm = f.read().strip()
+print(json.dumps({"written": written, "cgroup": cgroup[0] if cgroup else None, "comm": comm}))
 '''
 
 
 def reader_argv(path: str, count: int = 1, syscall: str = "openat", chdir: str | None = None,
                 interval: float | None = None, ready_fd: int | None = None, go_fd: int | None = None,
-                at: str | None = None) -> list[str]:
+                at: str | None = None, comm: str | None = None) -> list[str]:
     """argv for ``python -m tapio_node.reader`` with these options."""
     argv = [sys.executable, "-m", "tapio_node.reader", "--path", path, "--count", str(count), "--syscall", syscall]
-    for opt, val in (("--chdir", chdir), ("--at", at), ("--interval", interval),
+    for opt, val in (("--chdir", chdir), ("--at", at), ("--interval", interval), ("--comm", comm),
                      ("--ready-fd", ready_fd), ("--go-fd", go_fd)):
         if val is not None:
             argv += [opt, str(val)]
@@ -540,11 +545,11 @@ class SimContainer:
 
     def start_reader(self, path: str, count: int = 1, syscall: str = "openat", chdir: str | None = None,
                      interval: float | None = None, at: str | None = None, mounts: dict[str, str] | None = None,
-                     cwd: str | None = None, **popen_kwargs) -> "Reader":
+                     cwd: str | None = None, comm: str | None = None, **popen_kwargs) -> "Reader":
         """Start a reader in this container; it is ready (set up) on return and opens after ``go()``."""
         start = lambda argv, **kw: self.run(argv, mounts=mounts, cwd=cwd, **kw)  # noqa: E731
-        return Reader(start, dict(path=path, count=count, syscall=syscall, chdir=chdir, interval=interval, at=at),
-                      **popen_kwargs)
+        return Reader(start, dict(path=path, count=count, syscall=syscall, chdir=chdir, interval=interval, at=at,
+                                  comm=comm), **popen_kwargs)
 
     def stop(self, grace: float = 2.0) -> None:
         """SIGTERM every process of the container, SIGKILL what is left after ``grace`` s."""
@@ -575,6 +580,7 @@ class SimPod:
         self.containers: dict[str, SimContainer] = {}
         self.tmpfs_mounts: list[str] = []
         self.removed = False
+        self.last_kubelet_write: dict | None = None
 
     def volume_dir(self, volume_name: str) -> str:
         vol = self.volumes.get(volume_name)
@@ -619,7 +625,9 @@ class SimPod:
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise SimulationError(f"kubelet atomic write into {target} failed: {r.stderr.strip()}")
-        return json.loads(r.stdout)
+        # {"written", "cgroup" (v2 path), "comm"} of the simulated kubelet, for tests.
+        self.last_kubelet_write = json.loads(r.stdout)
+        return self.last_kubelet_write["written"]
 
     def add_container(self, name: str, runtime: str = "containerd") -> SimContainer:
         _check_dns_label("container name", name)
@@ -786,10 +794,11 @@ class SimulatedNode:
         return proc
 
     def start_host_reader(self, path: str, count: int = 1, syscall: str = "openat", chdir: str | None = None,
-                          interval: float | None = None, at: str | None = None, **popen_kwargs) -> "Reader":
+                          interval: float | None = None, at: str | None = None, comm: str | None = None,
+                          **popen_kwargs) -> "Reader":
         """A reader on the host (no pod cgroup): e.g. a cross-pod read of a volume's host path."""
         return Reader(self.run_host, dict(path=path, count=count, syscall=syscall, chdir=chdir,
-                                          interval=interval, at=at), **popen_kwargs)
+                                          interval=interval, at=at, comm=comm), **popen_kwargs)
 
     def _register(self, proc: subprocess.Popen) -> None:
         self._procs.append(proc)
@@ -918,17 +927,22 @@ def build_demo_node(node: SimulatedNode) -> dict[str, SimPod]:
 
 
 def _start_demo_readers(pods: dict[str, SimPod]) -> None:
+    """One looping reader per container; returns once all are set up in their cgroups."""
     web, db, batch = pods["web"], pods["db"], pods["batch"]
-    quiet = {"stdout": subprocess.DEVNULL}  # summaries are not shown; errors go to our stderr
-    web.add_container("nginx").run(
-        reader_argv("/run/config/app-config/app.yaml", count=0, interval=1.5), **quiet)
-    # Relative path after chdir, through openat2.
-    web.add_container("tls-proxy").run(
-        reader_argv("tls.key", count=0, interval=2.0, syscall="openat2"), cwd="/run/secrets/certs", **quiet)
-    db.add_container("postgres").run(
-        reader_argv("/run/secrets/db-credentials/password", count=0, interval=2.0, syscall="open"), **quiet)
-    batch.add_container("report").run(
-        reader_argv(f"{SA_MOUNT}/token", count=0, interval=2.5), **quiet)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": None}  # no summaries; errors go to our stderr
+    readers = [
+        web.add_container("nginx").start_reader(
+            "/run/config/app-config/app.yaml", count=0, interval=1.5, comm="nginx", **quiet),
+        # A relative path after chdir, through openat2.
+        web.add_container("tls-proxy").start_reader(
+            "tls.key", count=0, interval=2.0, syscall="openat2", cwd="/run/secrets/certs", comm="envoy", **quiet),
+        db.add_container("postgres").start_reader(
+            "/run/secrets/db-credentials/password", count=0, interval=2.0, syscall="open", comm="postgres", **quiet),
+        batch.add_container("report").start_reader(
+            f"{SA_MOUNT}/token", count=0, interval=2.5, comm="report-job", **quiet),
+    ]
+    for r in readers:
+        r.go()
 
 
 def _summarise(line: bytes) -> str:
@@ -1046,7 +1060,7 @@ def _stream(node: SimulatedNode, pods: dict[str, SimPod], collector, duration: f
         if not host_read and elapsed > 8:
             host_read = True
             path = os.path.join(pods["db"].volume_dir("db-credentials"), "password")
-            node.run_host(reader_argv(path, count=1), stdout=subprocess.DEVNULL)
+            node.run_host(reader_argv(path, count=1, comm="cat"), stdout=subprocess.DEVNULL)
             print("tapio-node demo: a host process read shop/db-0's db-credentials", file=out, flush=True)
         if isinstance(collector, subprocess.Popen) and collector.poll() is not None and not sel.get_map():
             print(f"tapio-node demo: the collector exited with status {collector.returncode}", file=out)

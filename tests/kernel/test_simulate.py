@@ -149,6 +149,11 @@ def test_update_follows_the_atomic_writer_sequence(sim_node):
     assert os.stat(os.path.join(vol, "app.yaml")).st_ino != old_ino
     assert sorted(os.listdir(vol)) == sorted(["..data", new_ts, "app.yaml", "new.txt"])
 
+    # The write ran as the node's kubelet: its cgroup and its comm.
+    assert pod.last_kubelet_write["comm"] == "kubelet"
+    assert pod.last_kubelet_write["cgroup"] == "/" + os.path.relpath(sim_node.kubelet_cgroup, cgroup2_mount())
+    assert sim_node.kubelet_cgroup.endswith("/system.slice/kubelet.service")
+
     # Same content again: the kubelet writes nothing.
     assert pod.update_volume("app-config", {"app.yaml": b"v2\n", "new.txt": b"hello\n"}) is False
     assert os.readlink(os.path.join(vol, "..data")) == new_ts
@@ -194,6 +199,15 @@ def test_container_process_is_in_its_cgroup_and_namespace(sim_node):
         summary = r.wait()
     assert summary["opened"] == 3 and summary["failed"] == 0 and summary["bytes"] == 12
     assert r.proc.returncode == 0
+
+
+def test_reader_sets_its_comm_before_ready(sim_node):
+    pod = sim_node.add_pod("shop", "web-0", _web_volumes())
+    r = pod.add_container("web").start_reader("/run/secrets/certs/tls.key", count=1, comm="nginx")
+    try:
+        assert open(f"/proc/{r.pid}/comm").read() == "nginx\n"
+    finally:
+        assert r.wait()["opened"] == 1
 
 
 @pytest.mark.parametrize("syscall", ["open", "openat", "openat2"])
@@ -357,3 +371,39 @@ def test_run_demo_builds_streams_and_tears_down(require_root_cgroup2):
     assert not os.path.exists(base) and not os.path.exists(cg)
     assert mounts_under(base) == []
     assert "cleaned up" in text
+
+
+_DEMO_UNDER_SIGTERM = r"""
+import json, subprocess, sys
+from tapio_node.simulate import run_demo
+def start(cfg):
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"], stdout=subprocess.PIPE)
+sys.exit(run_demo(start, wait_ready=False))
+"""
+
+
+def test_run_demo_cleans_up_on_sigterm(require_root_cgroup2, repo_root):
+    p = subprocess.Popen([sys.executable, "-c", _DEMO_UNDER_SIGTERM], stdout=subprocess.PIPE, cwd=repo_root,
+                         env=dict(os.environ, PYTHONPATH=repo_root), text=True)
+    lines = []
+    try:
+        for line in p.stdout:
+            lines.append(line)
+            if "readers started" in line:
+                break
+        text = "".join(lines)
+        base = re.search(r"simulated node in (\S+),", text).group(1)
+        cg = re.search(r"cgroups in (\S+)\n", text).group(1)
+        reader_pids = [int(x) for d, _, _ in os.walk(cg) for x in open(os.path.join(d, "cgroup.procs")).read().split()]
+        assert os.path.isdir(base) and len(mounts_under(base)) == 5
+        assert len(reader_pids) == 4  # the demo's readers are in their cgroups once it says so
+        p.terminate()
+        rest, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0
+    assert "cleaned up" in rest
+    assert not os.path.exists(base) and not os.path.exists(cg) and mounts_under(base) == []
+    assert [pid for pid in reader_pids if _alive(pid)] == []
