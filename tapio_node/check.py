@@ -1,0 +1,447 @@
+"""`tapio-node check`: can the daemon run here, and if not, what to do.
+
+Each probe asks the kernel itself where it can (create a map, load and
+attach a tiny program) instead of guessing from version numbers. One line
+per check: ✔ ok, ✘ the daemon cannot run (exit 1), ⚠ it runs with less.
+The daemon's `preflight()` runs the same fatal checks and prints the same
+lines when it refuses to start.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import struct
+import sys
+
+import msgspec
+
+__all__ = ["Check", "run_checks", "preflight", "main", "format_check"]
+
+OK, FAIL, WARN = "✔", "✘", "⚠"
+
+BTF_PATH = "/sys/kernel/btf/vmlinux"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+# Capability numbers (linux/capability.h).
+CAP_DAC_READ_SEARCH = 2
+CAP_SYS_ADMIN = 21
+CAP_SYS_RESOURCE = 24
+CAP_PERFMON = 38
+CAP_BPF = 39
+
+# bpf(2) (linux/bpf.h); x86_64 and arm64 syscall numbers.
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
+BPF_MAP_CREATE, BPF_PROG_LOAD, BPF_RAW_TRACEPOINT_OPEN = 0, 5, 17
+BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_RINGBUF = 2, 27
+BPF_PROG_TYPE_TRACING, BPF_PROG_TYPE_LSM = 26, 29
+BPF_TRACE_FENTRY, BPF_LSM_MAC = 24, 27
+# r0 = 0; exit
+_RET0 = struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0)
+
+# Syscall exit tracepoints the kernel program attaches (arm64 has no open/creat).
+REQUIRED_TRACEPOINTS = ("sys_enter_openat", "sys_exit_openat")
+OPTIONAL_TRACEPOINTS = ("sys_exit_open", "sys_exit_openat2", "sys_exit_creat", "sys_exit_open_by_handle_at")
+
+
+class Check(msgspec.Struct, kw_only=True):
+    name: str
+    ok: bool
+    fatal: bool          # the daemon cannot run when this fails
+    detail: str
+    fix: str = ""
+
+
+def format_check(c: Check) -> str:
+    mark = OK if c.ok else (FAIL if c.fatal else WARN)
+    line = f"{mark} {c.name}: {c.detail}"
+    if not c.ok and c.fix:
+        line += f" — fix: {c.fix}"
+    return line
+
+
+# -- helpers
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _bpf(cmd: int, attr: bytes) -> int:
+    """bpf(2); returns the fd or -errno."""
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    r = libc.syscall(ctypes.c_long(_SYS_BPF), ctypes.c_int(cmd), buf, ctypes.c_uint(len(attr)))
+    if r < 0:
+        return -ctypes.get_errno()
+    return r
+
+
+def _map_create(map_type: int, key_size: int, value_size: int, max_entries: int) -> int:
+    attr = struct.pack("<IIIII", map_type, key_size, value_size, max_entries, 0).ljust(72, b"\0")
+    fd = _bpf(BPF_MAP_CREATE, attr)
+    if fd >= 0:
+        os.close(fd)
+    return fd
+
+
+def _mounts() -> list[tuple[str, str]]:
+    """(mount point, fs type) from /proc/self/mountinfo."""
+    out = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                point = left.split(" ")[4].replace("\\040", " ")
+                out.append((point, right.split(" ", 1)[0]))
+    except OSError:
+        pass
+    return out
+
+
+def _fs_type_at(path: str, mounts) -> str | None:
+    """File system type of the mount that holds `path` (longest prefix)."""
+    best, fstype = "", None
+    path = os.path.abspath(path)
+    for point, t in mounts:
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, fstype = point, t
+    return fstype
+
+
+def _cap_eff() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def _errno_text(e: int) -> str:
+    return f"{errno.errorcode.get(e, e)} ({os.strerror(e)})"
+
+
+def _btf_func_id(name: str, path: str = BTF_PATH) -> int | None:
+    """The BTF type id of kernel function `name`, or None (a small BTF walk)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from("<HBBIIIII", data)
+    if magic != 0xEB9F:
+        return None
+    strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
+    pos = strings.find(b"\0" + name.encode() + b"\0")
+    if pos < 0:
+        return None
+    want = pos + 1
+    # Bytes after the 12-byte common header, by kind (vlen = members).
+    per_vlen = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}
+    fixed = {1: 4, 3: 12, 14: 4, 17: 4}
+    off, end, tid = hdr_len + type_off, hdr_len + type_off + type_len, 1
+    while off < end:
+        name_off, info = struct.unpack_from("<II", data, off)
+        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+        if kind == 12 and name_off == want:   # BTF_KIND_FUNC
+            return tid
+        off += 12 + fixed.get(kind, 0) + per_vlen.get(kind, 0) * vlen
+        tid += 1
+    return None
+
+
+def _probe_attach(prog_type: int, attach_type: int, func: str) -> tuple[bool, str]:
+    """Load a `return 0` program for func and attach it for an instant."""
+    try:
+        btf_id = _btf_func_id(func)
+    except OSError as e:
+        return False, f"cannot read BTF: {e.strerror}"
+    if btf_id is None:
+        return False, f"{func} not in kernel BTF"
+    insns = ctypes.create_string_buffer(_RET0, len(_RET0))
+    lic = ctypes.create_string_buffer(b"GPL")
+    attr = bytearray(128)
+    struct.pack_into("<IIQQ", attr, 0, prog_type, 2, ctypes.addressof(insns), ctypes.addressof(lic))
+    attr[48:48 + 11] = b"tapio_probe"
+    struct.pack_into("<I", attr, 68, attach_type)
+    struct.pack_into("<I", attr, 108, btf_id)
+    prog = _bpf(BPF_PROG_LOAD, bytes(attr))
+    if prog < 0:
+        return False, f"program load refused: {_errno_text(-prog)}"
+    try:
+        link = _bpf(BPF_RAW_TRACEPOINT_OPEN, struct.pack("<QI", 0, prog).ljust(16, b"\0"))
+        if link < 0:
+            return False, f"attach refused: {_errno_text(-link)}"
+        os.close(link)   # detaches at once; the program returned 0 (no effect)
+        return True, "attach allowed"
+    finally:
+        os.close(prog)
+
+
+def _lockdown() -> str | None:
+    try:
+        with open("/sys/kernel/security/lockdown", encoding="ascii") as f:
+            text = f.read()
+    except OSError:
+        return None
+    for word in text.split():
+        if word.startswith("["):
+            return word.strip("[]")
+    return None
+
+
+# -- the checks
+
+
+def check_root() -> Check:
+    uid = os.geteuid()
+    return Check(name="running as root", ok=uid == 0, fatal=False,
+                 detail="euid 0" if uid == 0 else f"euid {uid}; the capabilities below must be granted instead",
+                 fix="run as root (the systemd unit does), or grant CAP_BPF CAP_PERFMON CAP_DAC_READ_SEARCH "
+                     "CAP_SYS_RESOURCE")
+
+
+def check_caps() -> list[Check]:
+    eff = _cap_eff()
+    has = lambda cap: bool(eff >> cap & 1)  # noqa: E731
+    admin = has(CAP_SYS_ADMIN)
+    missing = []
+    if not (has(CAP_BPF) or admin):
+        missing.append("CAP_BPF")
+    if not (has(CAP_PERFMON) or admin):
+        missing.append("CAP_PERFMON")
+    checks = [Check(
+        name="capabilities (BPF)", ok=not missing, fatal=True,
+        detail="CAP_BPF and CAP_PERFMON effective" + (" (via CAP_SYS_ADMIN)" if admin and not
+                                                       (has(CAP_BPF) and has(CAP_PERFMON)) else "")
+        if not missing else f"missing {', '.join(missing)} (CapEff {eff:#x})",
+        fix="run as root, or AmbientCapabilities=CAP_BPF CAP_PERFMON in the unit (kernel >= 5.8)",
+    )]
+    soft = [(CAP_DAC_READ_SEARCH, "CAP_DAC_READ_SEARCH", "reading kubelet pod dirs and /proc of other users"),
+            (CAP_SYS_RESOURCE, "CAP_SYS_RESOURCE", "raising RLIMIT_MEMLOCK on kernels before 5.11"),
+            (CAP_SYS_ADMIN, "CAP_SYS_ADMIN", "pinning maps and reading other processes' cgroups")]
+    lacking = [(n, why) for cap, n, why in soft if not has(cap)]
+    checks.append(Check(
+        name="capabilities (other)", ok=not lacking, fatal=False,
+        detail="CAP_DAC_READ_SEARCH, CAP_SYS_RESOURCE, CAP_SYS_ADMIN effective" if not lacking
+        else "missing " + "; ".join(f"{n} ({why})" for n, why in lacking),
+        fix="run as root or add them to the unit's AmbientCapabilities=",
+    ))
+    return checks
+
+
+def check_btf() -> Check:
+    ok = os.access(BTF_PATH, os.R_OK)
+    return Check(name="kernel BTF", ok=ok, fatal=True,
+                 detail=f"{BTF_PATH} ({os.path.getsize(BTF_PATH) // 1024} KiB)" if ok else f"{BTF_PATH} missing",
+                 fix="use a kernel built with CONFIG_DEBUG_INFO_BTF=y (Debian 11+, Ubuntu 20.10+, RHEL 8.2+)")
+
+
+def check_bpf_syscall() -> list[Check]:
+    r = _map_create(BPF_MAP_TYPE_ARRAY, 4, 4, 1)
+    if r < 0:
+        e = -r
+        fix = {errno.EPERM: "run as root / grant CAP_BPF; check sysctl kernel.unprivileged_bpf_disabled "
+                            "and seccomp (container runtimes block bpf(2) by default)",
+               errno.ENOSYS: "use a kernel with CONFIG_BPF_SYSCALL=y"}.get(e, "see dmesg")
+        return [Check(name="bpf() syscall", ok=False, fatal=True,
+                      detail=f"creating a 1-entry array map failed: {_errno_text(e)}", fix=fix)]
+    checks = [Check(name="bpf() syscall", ok=True, fatal=True, detail="array map created and closed")]
+    r = _map_create(BPF_MAP_TYPE_RINGBUF, 0, 0, 4096)
+    checks.append(Check(
+        name="BPF ring buffer", ok=r >= 0, fatal=True,
+        detail="ring buffer map created and closed" if r >= 0 else f"ring buffer map refused: {_errno_text(-r)}",
+        fix="use a kernel >= 5.8 (BPF_MAP_TYPE_RINGBUF)"))
+    return checks
+
+
+def _tracefs(mounts) -> str | None:
+    for candidate in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
+        if any(p == candidate and t == "tracefs" for p, t in mounts):
+            return candidate
+    return None
+
+
+def check_tracepoints(mounts) -> list[Check]:
+    root = _tracefs(mounts)
+    if root is None:
+        return [Check(name="tracefs", ok=False, fatal=True, detail="not mounted at /sys/kernel/tracing",
+                      fix="mount -t tracefs tracefs /sys/kernel/tracing")]
+    checks = [Check(name="tracefs", ok=True, fatal=True, detail=f"mounted at {root}")]
+    events = os.path.join(root, "events", "syscalls")
+    missing = [t for t in REQUIRED_TRACEPOINTS if not os.path.isdir(os.path.join(events, t))]
+    checks.append(Check(
+        name="syscall tracepoints", ok=not missing, fatal=True,
+        detail=f"{', '.join(REQUIRED_TRACEPOINTS)} present" if not missing
+        else f"missing {', '.join(missing)} under {events}",
+        fix="use a kernel with CONFIG_FTRACE_SYSCALLS=y"))
+    absent = [t for t in OPTIONAL_TRACEPOINTS if not os.path.isdir(os.path.join(events, t))]
+    checks.append(Check(
+        name="other open tracepoints", ok=not absent, fatal=False,
+        detail=f"{', '.join(OPTIONAL_TRACEPOINTS)} present" if not absent
+        else f"{', '.join(absent)} absent (those opens are not seen; normal on arm64 for open/creat)",
+        fix="nothing to do unless this kernel should have them"))
+    return checks
+
+
+def check_hooks(have_tracepoints: bool) -> list[Check]:
+    """Which hook backend runs, and whether the better ones (fentry/LSM) would."""
+    lock = _lockdown()
+    lock_note = f"; kernel lockdown: {lock}" if lock else ""
+    fentry_ok, fentry = _probe_attach(BPF_PROG_TYPE_TRACING, BPF_TRACE_FENTRY, "security_file_open")
+    lsm_ok, lsm = _probe_attach(BPF_PROG_TYPE_LSM, BPF_LSM_MAC, "bpf_lsm_file_open")
+    backend = "tracepoint" if have_tracepoints else "none"
+    checks = [Check(
+        name="hook backend", ok=have_tracepoints, fatal=True,
+        detail=f"{backend} (syscalls/sys_exit_open*)",
+        fix="see the tracefs and syscall tracepoint checks")]
+    checks.append(Check(
+        name="fentry/security_file_open", ok=fentry_ok, fatal=False, detail=fentry + lock_note,
+        fix="not needed: the tracepoint backend is used (fentry needs a kernel without lockdown "
+            "and CONFIG_DEBUG_INFO_BTF)"))
+    checks.append(Check(
+        name="lsm/file_open", ok=lsm_ok, fatal=False, detail=lsm + lock_note,
+        fix="not needed: the tracepoint backend is used (BPF LSM needs CONFIG_BPF_LSM=y and "
+            "'bpf' in the lsm= boot parameter)"))
+    return checks
+
+
+def check_bpffs(pin_path: str, mounts) -> Check:
+    have = any(p == "/sys/fs/bpf" and t == "bpf" for p, t in mounts)
+    if not pin_path:
+        return Check(name="bpffs", ok=have, fatal=False,
+                     detail="mounted at /sys/fs/bpf" if have else "not mounted (pinning is off)",
+                     fix="mount -t bpf bpf /sys/fs/bpf")
+    t = _fs_type_at(pin_path, mounts)
+    ok = t == "bpf"
+    return Check(name="bpffs", ok=ok, fatal=True,
+                 detail=f"pin_path {pin_path} is on bpffs" if ok
+                 else f"pin_path {pin_path} is on {t or 'nothing'}, not bpffs",
+                 fix="mount -t bpf bpf /sys/fs/bpf (or set kernel_collector.pin_path under a bpffs mount)")
+
+
+def check_cgroup(cfg) -> list[Check]:
+    from .config import resolve_cgroup_root
+
+    root = resolve_cgroup_root(cfg)
+    if not root or not os.path.isdir(root) or not os.path.exists(os.path.join(root, "cgroup.controllers")):
+        return [Check(name="cgroup v2", ok=False, fatal=True,
+                      detail=f"no cgroup v2 hierarchy (cgroup_root {cfg.cgroup_root!r} -> {root!r})",
+                      fix="mount -t cgroup2 none /sys/fs/cgroup/unified, or boot with "
+                          "systemd.unified_cgroup_hierarchy=1; or set kernel_collector.cgroup_root")]
+    checks = [Check(name="cgroup v2", ok=True, fatal=True, detail=f"at {root}")]
+    if os.path.isdir(os.path.join(root, "kubepods.slice")):
+        driver, ok = "systemd (kubepods.slice)", True
+    elif os.path.isdir(os.path.join(root, "kubepods")):
+        driver, ok = "cgroupfs (kubepods)", True
+    else:
+        driver, ok = "unknown: no kubepods.slice or kubepods under it (kubelet not running here yet?)", False
+    checks.append(Check(name="cgroup driver", ok=ok, fatal=False, detail=driver,
+                        fix="start the kubelet, or point kernel_collector.cgroup_root at the hierarchy it uses"))
+    return checks
+
+
+def check_dir(name: str, key: str, path: str, consequence: str) -> Check:
+    ok = os.path.isdir(path)
+    return Check(name=name, ok=ok, fatal=False,
+                 detail=f"{path}" if ok else f"{path} missing ({consequence})",
+                 fix=f"start the kubelet, or set kernel_collector.{key}")
+
+
+def check_journald() -> Check:
+    ok = os.path.exists(JOURNAL_SOCKET)
+    return Check(name="journald", ok=ok, fatal=False,
+                 detail=JOURNAL_SOCKET if ok else f"{JOURNAL_SOCKET} missing (--output journal falls back to stderr)",
+                 fix="start systemd-journald, or use --output stdout")
+
+
+def check_listen(listen_address: str) -> Check:
+    from .httpd import parse_listen_address
+
+    try:
+        host, port = parse_listen_address(listen_address)
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                       flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server does
+            s.bind(sockaddr)
+    except (ValueError, OSError) as e:
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        return Check(name="listen address", ok=False, fatal=True,
+                     detail=f"cannot bind {listen_address}: {detail}",
+                     fix="stop whatever uses the port (ss -ltnp), or set kernel_collector.listen_address")
+    return Check(name="listen address", ok=True, fatal=True, detail=f"{listen_address} is free")
+
+
+def check_bpf_object() -> Check:
+    try:
+        from .bpf import object_path
+        path = object_path()
+    except Exception as e:  # the loader module itself is broken or missing
+        return Check(name="BPF object", ok=False, fatal=True, detail=f"cannot locate it: {e}",
+                     fix="reinstall tapio-node (or `make build` in a checkout)")
+    ok = os.path.isfile(path)
+    return Check(name="BPF object", ok=ok, fatal=True, detail=path if ok else f"{path} missing",
+                 fix="reinstall tapio-node (or `make build` in a checkout)")
+
+
+def run_checks(cfg, *, only_fatal: bool = False) -> list[Check]:
+    """All probes for the KernelCollector config `cfg`, in the order they print.
+
+    only_fatal skips the informational probes (fentry/LSM attach, dirs,
+    journald) so the daemon's preflight stays quick.
+    """
+    mounts = _mounts()
+    checks = [check_root(), *check_caps(), check_btf(), *check_bpf_syscall()]
+    tps = check_tracepoints(mounts)
+    checks += tps
+    have_tp = all(c.ok for c in tps if c.fatal)
+    if only_fatal:
+        checks.append(Check(name="hook backend", ok=have_tp, fatal=True, detail="tracepoint" if have_tp else "none",
+                            fix="see the tracefs and syscall tracepoint checks"))
+    else:
+        checks += check_hooks(have_tp)
+    checks += [check_bpffs(cfg.pin_path, mounts), *check_cgroup(cfg), check_bpf_object()]
+    if not only_fatal:
+        checks += [
+            check_dir("kubelet pods dir", "kubelet_pods_path", cfg.kubelet_pods_path,
+                      "no volumes to watch until it appears"),
+            check_dir("pod logs dir", "pod_logs_path", cfg.pod_logs_path,
+                      "namespace and pod names come from pod specs only"),
+            check_journald(),
+        ]
+    checks.append(check_listen(cfg.listen_address))
+    return checks
+
+
+def preflight(cfg) -> list[Check]:
+    """The fatal checks that failed; empty means the daemon can try to start."""
+    return [c for c in run_checks(cfg, only_fatal=True) if c.fatal and not c.ok]
+
+
+def main(config_path: str | None = None, out=None) -> int:
+    """`tapio-node check [--config F]`: print each check; 1 if any fatal one failed."""
+    from .config import ConfigError, KernelCollector, load_config
+
+    out = out or sys.stdout
+    try:
+        cfg = load_config(config_path).kernel_collector
+        checks = [Check(name="config", ok=True, fatal=True, detail=config_path or "defaults")]
+    except ConfigError as e:
+        # Still probe the machine (with the defaults): the other answers help too.
+        cfg = KernelCollector()
+        checks = [Check(name="config", ok=False, fatal=True, detail=f"{e} (other checks use the defaults)",
+                        fix="correct that key in the config file")]
+    checks += run_checks(cfg)
+    for c in checks:
+        print(format_check(c), file=out)
+    failed = [c for c in checks if c.fatal and not c.ok]
+    warned = [c for c in checks if not c.fatal and not c.ok]
+    if failed:
+        print(f"tapio-node cannot run here: {len(failed)} check(s) failed", file=out)
+        return 1
+    print("tapio-node can run here" + (f" ({len(warned)} warning(s))" if warned else ""), file=out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else None))
