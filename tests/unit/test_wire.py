@@ -1,0 +1,109 @@
+"""The record folder: Cython (c-decoder) and its pure-Python twin
+(py-decoder) must produce the same groups from the same records."""
+import pytest
+
+from tapio_node import wire
+
+try:
+    from tapio_node._fast import RingReader
+except ImportError:  # pragma: no cover
+    RingReader = None
+
+
+def c_folder(capacity=8192, keep_timestamps=True):
+    return RingReader(-1, capacity, keep_timestamps)
+
+
+FOLDERS = [pytest.param(wire.RecordFolder, id="py-decoder"),
+           pytest.param(c_folder, id="c-decoder",
+                        marks=pytest.mark.skipif(RingReader is None, reason="extension not built"))]
+
+
+def rec(pid=10, ts=1, path=b"/run/secrets/x/key", file_id=5, flags=0, **kw):
+    args = dict(pid=pid, tid=pid, cgroup_id=77, dev=0x800001, gen=42, ino=1234, volume_id=3,
+                file_id=file_id, ts_ns=ts, comm=b"cat", path=path, flags=flags)
+    args.update(kw)
+    return wire.pack_access(**args)
+
+
+@pytest.mark.parametrize("make", FOLDERS)
+def test_identical_accesses_fold_with_every_timestamp(make):
+    f = make()
+    f.feed([rec(ts=t) for t in (5, 6, 7)] + [rec(pid=11, ts=8), rec(ts=9)])
+    groups = f.take()
+    assert len(groups) == 2
+    g = groups[0]
+    assert g[:14] == (wire.REC_ACCESS, 10, 10, 77, "cat", 0x800001, 42, 1234, 3, 5, 0, 0,
+                      "/run/secrets/x/key", None)
+    assert g[14:17] == (4, 5, 9)
+    assert g[17] == [5, 6, 7, 9]
+    assert groups[1][1] == 11 and groups[1][14] == 1
+    assert f.take() == []
+
+
+@pytest.mark.parametrize("make", FOLDERS)
+def test_different_paths_do_not_fold(make):
+    f = make()
+    f.feed([rec(path=b"a"), rec(path=b"ab"), rec(path=b"a")])
+    assert [(g[12], g[14]) for g in f.take()] == [("a", 2), ("ab", 1)]
+
+
+@pytest.mark.parametrize("make", FOLDERS)
+def test_fallback_records_carry_names_and_never_fold(make):
+    names = (b"tls.key", b"..2026_11_25_10_00_00.1", b"/", b"/")
+    f = make()
+    f.feed([rec(file_id=0, flags=wire.F_BY_DEV, dnames=names, ts=t) for t in (1, 2)])
+    groups = f.take()
+    assert len(groups) == 2
+    assert groups[0][13] == ("tls.key", "..2026_11_25_10_00_00.1", "/", "/")
+
+
+@pytest.mark.parametrize("make", FOLDERS)
+def test_short_and_unknown_records_are_counted_not_decoded(make):
+    f = make()
+    good = rec()
+    f.feed([good[:40], b"\x09\x00\x00\x00" + good[4:], b"", good,
+            rec(file_id=0, flags=wire.F_BY_DIR)])  # ext flag but no names
+    groups = f.take()
+    assert len(groups) == 1
+    assert f.bad_records == 4
+
+
+@pytest.mark.parametrize("make", FOLDERS)
+def test_syscall_records(make):
+    f = make()
+    f.feed([wire.pack_syscall(pid=3, tid=3, cgroup_id=9, nr=39, ts_ns=t, comm=b"app") for t in (1, 2)])
+    (g,) = f.take()
+    assert g == (wire.REC_SYSCALL, 3, 3, 9, "app", 39, 2, 1, 2, [1, 2])
+
+
+@pytest.mark.parametrize("make", FOLDERS)
+def test_batch_stops_when_full(make):
+    f = make(capacity=4)
+    assert f.feed([rec(pid=p) for p in range(10)]) == 4
+    assert f.full
+    assert len(f.take()) == 4
+    assert not f.full
+
+
+def test_twins_agree_on_a_mixed_stream():
+    if RingReader is None:
+        pytest.skip("extension not built")
+    stream = []
+    for i in range(500):
+        stream.append(rec(pid=100 + i % 7, ts=i, path=b"p%d" % (i % 3)))
+        if i % 50 == 0:
+            stream.append(rec(file_id=0, flags=wire.F_BY_DIR, ts=i,
+                              dnames=(b"k", b"..2026_01_01_00_00_00.1", b"v", b"p")))
+    a, b = wire.RecordFolder(), c_folder()
+    a.feed(stream)
+    b.feed(stream)
+    assert a.take() == b.take()
+
+
+def test_pod_info_roundtrip_and_limits():
+    raw = wire.pack_pod_info("uid-1", "ns", "pod", "c" * 64, 123, 2)
+    assert len(raw) == wire.POD_INFO.size
+    assert wire.unpack_pod_info(raw) == ("uid-1", "ns", "pod", "c" * 64, 123, 2)
+    with pytest.raises(ValueError, match="namespace"):
+        wire.pack_pod_info("u", "n" * 64, "p", None, 0, 0)
