@@ -1039,6 +1039,31 @@ def _wait_healthy(node: SimulatedNode, cfg: str, collector, limit: float = 30.0)
         time.sleep(0.2)
 
 
+def _demo_steps(node: SimulatedNode, pods: dict[str, SimPod]) -> list[tuple[float, Callable[[], object], str]]:
+    """(seconds after start, action, what to say) for the scripted part of the demo."""
+    db = pods["db"]
+    host_path = os.path.join(db.volume_dir("db-credentials"), "password")
+    # A pod with a hostPath mount of the kubelet's pods dir: the classic way to read another pod's secret.
+    in_pod_path = os.path.join("/run/host-pods", db.uid, "volumes", PLUGINS["secret"], "db-credentials", "password")
+
+    def update():
+        pods["web"].update_volume("app-config", {"app.yaml": b"replicas: 5\nlog_level: debug\n",
+                                                 "conf.d/extra.yaml": b"feature_x: false\n"})
+
+    def host_read():
+        node.run_host(reader_argv(host_path, count=1, comm="cat"), stdout=subprocess.DEVNULL)
+
+    def pod_read():
+        pods["batch"].add_container("debug").run(reader_argv(in_pod_path, count=1, comm="curl"),
+                                                 mounts={"/run/host-pods": node.pods_path}, stdout=subprocess.DEVNULL)
+
+    return [
+        (5.0, update, "the kubelet updated ConfigMap app-config of shop/web (atomic writer)"),
+        (8.0, host_read, "a host process read shop/db-0's secret db-credentials"),
+        (11.0, pod_read, "a process in reports/nightly-report read shop/db-0's secret through a hostPath mount"),
+    ]
+
+
 def _stream(node: SimulatedNode, pods: dict[str, SimPod], collector, duration: float | None, raw: bool, out) -> int:
     import selectors
 
@@ -1048,20 +1073,14 @@ def _stream(node: SimulatedNode, pods: dict[str, SimPod], collector, duration: f
         os.set_blocking(stdout.fileno(), False)
         sel.register(stdout, selectors.EVENT_READ)
     start = time.monotonic()
-    updated = host_read = False
+    steps = _demo_steps(node, pods)
     buf = b""
     while duration is None or time.monotonic() - start < duration:
         elapsed = time.monotonic() - start
-        if not updated and elapsed > 5:
-            updated = True
-            pods["web"].update_volume("app-config", {"app.yaml": b"replicas: 5\nlog_level: debug\n",
-                                                     "conf.d/extra.yaml": b"feature_x: false\n"})
-            print("tapio-node demo: ConfigMap app-config updated by the (simulated) kubelet", file=out, flush=True)
-        if not host_read and elapsed > 8:
-            host_read = True
-            path = os.path.join(pods["db"].volume_dir("db-credentials"), "password")
-            node.run_host(reader_argv(path, count=1, comm="cat"), stdout=subprocess.DEVNULL)
-            print("tapio-node demo: a host process read shop/db-0's db-credentials", file=out, flush=True)
+        while steps and elapsed >= steps[0][0]:
+            _, action, message = steps.pop(0)
+            action()
+            print(f"tapio-node demo: {message}", file=out, flush=True)
         if isinstance(collector, subprocess.Popen) and collector.poll() is not None and not sel.get_map():
             print(f"tapio-node demo: the collector exited with status {collector.returncode}", file=out)
             return collector.returncode or 1
