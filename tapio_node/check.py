@@ -123,8 +123,12 @@ def _errno_text(e: int) -> str:
     return f"{errno.errorcode.get(e, e)} ({os.strerror(e)})"
 
 
-def _btf_func_id(name: str, path: str = BTF_PATH) -> int | None:
-    """The BTF type id of kernel function `name`, or None (a small BTF walk)."""
+def _btf_func_id(name: str) -> int | None:
+    return _btf_type_id(name, kind=12)   # BTF_KIND_FUNC
+
+
+def _btf_type_id(name: str, kind: int, path: str = BTF_PATH) -> int | None:
+    """The vmlinux BTF id of the type `name` of `kind`, or None (a small BTF walk)."""
     with open(path, "rb") as f:
         data = f.read()
     magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from("<HBBIIIII", data)
@@ -141,10 +145,10 @@ def _btf_func_id(name: str, path: str = BTF_PATH) -> int | None:
     off, end, tid = hdr_len + type_off, hdr_len + type_off + type_len, 1
     while off < end:
         name_off, info = struct.unpack_from("<II", data, off)
-        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-        if kind == 12 and name_off == want:   # BTF_KIND_FUNC
+        k, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+        if k == kind and name_off == want:
             return tid
-        off += 12 + fixed.get(kind, 0) + per_vlen.get(kind, 0) * vlen
+        off += 12 + fixed.get(k, 0) + per_vlen.get(k, 0) * vlen
         tid += 1
     return None
 
@@ -157,6 +161,10 @@ def _probe_attach(prog_type: int, attach_type: int, func: str) -> tuple[bool, st
         return False, f"cannot read BTF: {e.strerror}"
     if btf_id is None:
         return False, f"{func} not in kernel BTF"
+    return _probe_attach_id(prog_type, attach_type, btf_id)
+
+
+def _probe_attach_id(prog_type: int, attach_type: int, btf_id: int) -> tuple[bool, str]:
     insns = ctypes.create_string_buffer(_RET0, len(_RET0))
     lic = ctypes.create_string_buffer(b"GPL")
     attr = bytearray(128)

@@ -1,0 +1,174 @@
+"""`tapio-node check` on this machine: it must report the real state, and its
+exit status must say whether the daemon could run.
+
+Run as root (the CI case) and as `nobody` via setpriv (capabilities gone).
+"""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+
+import pytest
+
+from tapio_node import check
+from tapio_node.config import KernelCollector, cgroup_v2_mount
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+TRACEFS_EVENTS = "/sys/kernel/tracing/events/syscalls"
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.skipif(os.geteuid() != 0, reason="requires root (probes load BPF programs)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def node_dirs():
+    """kubelet pods and pod logs dirs, world-readable so `nobody` can read the config."""
+    d = tempfile.mkdtemp(prefix="tapio-test-check-")
+    os.chmod(d, 0o755)
+    for sub in ("pods", "logs"):
+        os.mkdir(os.path.join(d, sub))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
+
+
+def write_config(d, **overrides) -> str:
+    values = {
+        "kubelet_pods_path": os.path.join(d, "pods"),
+        "pod_logs_path": os.path.join(d, "logs"),
+        "pin_path": f"/sys/fs/bpf/tapio-test-check-{uuid.uuid4().hex[:8]}",  # never created by check
+        "listen_address": f"127.0.0.1:{free_port()}",
+    }
+    values.update(overrides)
+    path = os.path.join(d, f"config-{uuid.uuid4().hex[:8]}.yaml")
+    with open(path, "w") as f:
+        f.write("kernel_collector:\n" + "".join(f"  {k}: {v!r}\n" for k, v in values.items()))
+    os.chmod(path, 0o644)
+    return path
+
+
+def run_check(config, prefix=()):
+    env = dict(os.environ, PYTHONPATH=REPO, PYTHONDONTWRITEBYTECODE="1")
+    r = subprocess.run([*prefix, sys.executable, "-m", "tapio_node", "check", "--config", config],
+                       capture_output=True, text=True, timeout=120, cwd="/", env=env)
+    lines = {}
+    for line in r.stdout.splitlines():
+        mark, _, rest = line.partition(" ")
+        name, sep, detail = rest.partition(": ")
+        if sep and mark in (check.OK, check.FAIL, check.WARN):
+            lines[name] = (mark, detail.split(" — fix: ")[0])
+    return r, lines
+
+
+def need_tracing():
+    if not os.path.isdir(TRACEFS_EVENTS):
+        pytest.skip("requires tracefs at /sys/kernel/tracing (make mounts)")
+    if not os.path.ismount("/sys/fs/bpf"):
+        pytest.skip("requires bpffs at /sys/fs/bpf (make mounts)")
+
+
+def test_this_machine_as_root(node_dirs):
+    need_tracing()
+    r, lines = run_check(write_config(node_dirs))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.rstrip().splitlines()[-1].startswith("tapio-node can run here")
+    for name in ("config", "capabilities (BPF)", "kernel BTF", "bpf() syscall", "BPF ring buffer",
+                 "tracefs", "syscall tracepoints", "hook backend", "bpffs", "cgroup v2", "BPF object",
+                 "kubelet pods dir", "pod logs dir", "listen address"):
+        assert lines[name][0] == check.OK, (name, lines.get(name), r.stdout)
+    assert lines["hook backend"][1].startswith("tracepoint")
+    # The better hooks are probed for real: on this kernel the kernel refuses them.
+    for name in ("fentry/security_file_open", "lsm/file_open"):
+        mark, detail = lines[name]
+        assert (mark, detail) == (check.OK, "attach allowed") or (mark == check.WARN and "refused" in detail), \
+            (name, mark, detail)
+    # Real state of things the test can see for itself:
+    journald = os.path.exists(check.JOURNAL_SOCKET)
+    assert lines["journald"][0] == (check.OK if journald else check.WARN)
+    assert lines["cgroup v2"][1] == f"at {cgroup_v2_mount()}"
+
+
+def test_probe_machinery_is_sound():
+    """A refused fentry must be the kernel's answer, not a broken probe: the same
+    loader attaches a tp_btf program (which this project's BPF object uses)."""
+    need_tracing()
+    tid = check._btf_type_id("btf_trace_sched_process_fork", kind=8)  # BTF_KIND_TYPEDEF
+    assert tid is not None
+    ok, detail = check._probe_attach_id(check.BPF_PROG_TYPE_TRACING, 23, tid)  # BPF_TRACE_RAW_TP
+    assert ok, detail
+    assert check._btf_func_id("security_file_open") is not None
+    assert check._btf_func_id("no_such_function_tapio") is None
+
+
+def test_busy_port_is_fatal(node_dirs):
+    need_tracing()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        addr = f"127.0.0.1:{s.getsockname()[1]}"
+        r, lines = run_check(write_config(node_dirs, listen_address=addr))
+        cfg = KernelCollector(kubelet_pods_path=os.path.join(node_dirs, "pods"),
+                              pod_logs_path=os.path.join(node_dirs, "logs"), listen_address=addr)
+        failed = check.preflight(cfg)
+    assert r.returncode == 1
+    assert lines["listen address"] == (check.FAIL, f"cannot bind {addr}: Address already in use"), r.stdout
+    assert "kernel_collector.listen_address" in r.stdout
+    assert [c.name for c in failed] == ["listen address"]
+
+
+def test_pin_path_not_on_bpffs_is_fatal(node_dirs):
+    need_tracing()
+    pin = os.path.join(node_dirs, "pins")
+    r, lines = run_check(write_config(node_dirs, pin_path=pin))
+    assert r.returncode == 1
+    assert lines["bpffs"][0] == check.FAIL
+    assert f"pin_path {pin} is on" in lines["bpffs"][1]
+    assert not os.path.exists(pin)
+
+
+def test_bad_config_is_reported_and_fatal(node_dirs):
+    need_tracing()
+    r, lines = run_check(write_config(node_dirs, resync_interval=0))
+    assert r.returncode == 1
+    assert lines["config"][0] == check.FAIL
+    assert "resync_interval" in lines["config"][1]
+
+
+def test_preflight_empty_here(node_dirs):
+    need_tracing()
+    cfg = KernelCollector(kubelet_pods_path=os.path.join(node_dirs, "pods"),
+                          pod_logs_path=os.path.join(node_dirs, "logs"),
+                          listen_address=f"127.0.0.1:{free_port()}")
+    assert check.preflight(cfg) == []
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="requires setpriv (util-linux)")
+def test_as_nobody_fails_with_exit_1(node_dirs):
+    need_tracing()
+    prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    r, lines = run_check(write_config(node_dirs), prefix=prefix)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert lines["running as root"][0] == check.WARN
+    mark, detail = lines["capabilities (BPF)"]
+    assert mark == check.FAIL and "missing CAP_BPF, CAP_PERFMON" in detail
+    mark, detail = lines["bpf() syscall"]
+    assert mark == check.FAIL and "EPERM" in detail
+    assert r.stdout.rstrip().splitlines()[-1].startswith("tapio-node cannot run here")
+
+
+def test_format_check():
+    assert check.format_check(check.Check(name="a", ok=True, fatal=True, detail="d", fix="f")) == "✔ a: d"
+    assert check.format_check(check.Check(name="a", ok=False, fatal=True, detail="d", fix="f")) == "✘ a: d — fix: f"
+    assert check.format_check(check.Check(name="a", ok=False, fatal=False, detail="d", fix="f")) == "⚠ a: d — fix: f"
