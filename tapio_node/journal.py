@@ -90,6 +90,7 @@ def record_fields(event, count: int, first: str | None, last: str | None, identi
     )
     if cross:
         message += " (cross-pod)"
+    workload = getattr(event, "workload", None)
     if count > 1:
         message += f", {count} times from {first} to {last}"
     fields = {
@@ -114,6 +115,13 @@ def record_fields(event, count: int, first: str | None, last: str | None, identi
         "TAPIO_PROCESS_PID": proc.pid if proc else None,
         "TAPIO_PROCESS_COMM": proc.command if proc else None,
         "TAPIO_CGROUP_ID": proc.cgroup_id if proc else None,
+        "TAPIO_SYSCALL": getattr(event, "syscall", None),
+        "TAPIO_SOURCE_KIND": getattr(event, "source_kind", None),
+        "TAPIO_SERVICE_ACCOUNT": getattr(event, "service_account", None),
+        "TAPIO_WORKLOAD": f"{workload.kind}/{workload.name}" if workload else None,
+        "TAPIO_APP": getattr(event, "app", None),
+        "TAPIO_STALE_INODE": "true" if getattr(event, "stale_inode", False) else None,
+        "TAPIO_PATH_TRUNCATED": "true" if getattr(event, "path_truncated", False) else None,
         "TAPIO_COUNT": count,
         "TAPIO_FIRST_SEEN": first,
         "TAPIO_LAST_SEEN": last,

@@ -178,6 +178,7 @@ def test_record_fields():
     assert f["TAPIO_PROCESS_PID"] == "5" and f["TAPIO_PROCESS_COMM"] == "curl"
     assert f["TAPIO_CGROUP_ID"] == "777" and f["TAPIO_CONTAINER_ID"] == "c0ffee"
     assert "TAPIO_ROLE" not in f  # None fields are left out
+    assert "TAPIO_STALE_INODE" not in f
     cm = record_fields(make_event(event_type="configmap_access", cross=True), 1, "T", "T", "x")
     assert cm["PRIORITY"] == "6"  # only secrets read cross-pod are warnings
     assert cm["MESSAGE_ID"] == MESSAGE_IDS["configmap_access"]
@@ -187,3 +188,20 @@ def test_record_fields():
 def test_bad_window():
     with pytest.raises(ValueError, match="window"):
         JournalSink(window=-1, socket_path="/nonexistent", stream=io.StringIO())
+
+
+def test_optional_event_fields():
+    try:
+        from tapio_node.events import Workload
+    except ImportError:
+        pytest.skip("tapio_node.events has no Workload yet")
+    ev = make_event()
+    ev.workload = Workload(kind="Deployment", name="web")
+    ev.service_account = "web-sa"
+    ev.syscall = "openat2"
+    ev.stale_inode = True
+    f = record_fields(ev, 1, "T", "T", "tapio-node")
+    assert f["TAPIO_WORKLOAD"] == "Deployment/web"
+    assert f["TAPIO_SERVICE_ACCOUNT"] == "web-sa"
+    assert f["TAPIO_SYSCALL"] == "openat2"
+    assert f["TAPIO_STALE_INODE"] == "true"
