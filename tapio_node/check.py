@@ -376,7 +376,8 @@ def check_listen(listen_address: str) -> Check:
         detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         return Check(name="listen address", ok=False, fatal=True,
                      detail=f"cannot bind {listen_address}: {detail}",
-                     fix="stop whatever uses the port (ss -ltnp), or set kernel_collector.listen_address")
+                     fix="stop whatever uses the port (ss -ltnp; a running tapio-node holds it), "
+                         "or set kernel_collector.listen_address")
     return Check(name="listen address", ok=True, fatal=True, detail=f"{listen_address} is free")
 
 

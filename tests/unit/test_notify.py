@@ -59,8 +59,9 @@ def test_from_process_environment(listener):
     """The default Notifier() reads NOTIFY_SOCKET from the real environment."""
     s, addr = listener
     code = "from tapio_node.notify import Notifier; import sys; sys.exit(0 if Notifier().ready() else 3)"
-    env = dict(os.environ, NOTIFY_SOCKET=addr)
-    r = subprocess.run([sys.executable, "-c", code], env=env, timeout=60)
+    repo = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    env = dict(os.environ, NOTIFY_SOCKET=addr, PYTHONPATH=repo)
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd="/", timeout=60)
     assert r.returncode == 0
     assert recv(s) == {"READY": "1"}
 
