@@ -44,6 +44,8 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 5, quick 2)")
     p.add_argument("--pods", type=int, help="pods for the start-up figure (default 1000)")
     p.add_argument("--skip", default="", help=f"comma-separated: {', '.join(SKIPPABLE)}")
+    p.add_argument("--profile", action="store_true",
+                   help="perf-record the metrics-only daemon during round 1's throughput run")
     p.add_argument("--results-dir", default=os.path.join(REPO, "bench", "results"))
     a = p.parse_args(argv)
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
@@ -61,6 +63,8 @@ def reexec_in_private_mount_ns():
     if os.environ.get("TAPIO_BENCH_NS") == "1":
         return
     os.environ["TAPIO_BENCH_NS"] = "1"
+    pp = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = REPO + (os.pathsep + pp if pp else "")
     os.execvp("unshare", ["unshare", "--mount", "--propagation", "private",
                           sys.executable, "-m", "bench", *sys.argv[1:]])
 
@@ -158,7 +162,7 @@ def main_configs(skip):
     return cfgs
 
 
-def run_rounds(env, cfgs, rounds, raw, counts, tput, do_tput, scale_of, log):
+def run_rounds(env, cfgs, rounds, raw, counts, tput, do_tput, scale_of, log, profile=None):
     for r in range(rounds):
         order = cfgs[r % len(cfgs):] + cfgs[:r % len(cfgs)]
         log(f"round {r + 1}/{rounds}: {', '.join(c.name for c in order)}")
@@ -171,7 +175,14 @@ def run_rounds(env, cfgs, rounds, raw, counts, tput, do_tput, scale_of, log):
                     raw.setdefault(cfg.name, {}).setdefault(wl, {})[r] = m["workload"]["ns_per_op"]
                     counts.setdefault(cfg.name, {}).setdefault(wl, {})[r] = m
                 if do_tput:
-                    t = scenarios.throughput(env, cfg, scale_of(cfg))
+                    prof = None
+                    if profile is not None and r == 0 and cfg.name == "tapio-metrics":
+                        prof = scenarios.Perf(cfg.pid, os.path.join(env.tmp, "perf.data"))
+                    try:
+                        t = scenarios.throughput(env, cfg, scale_of(cfg))
+                    finally:
+                        if prof:
+                            profile["tapio-metrics throughput"] = prof.stop()
                     tput.setdefault(cfg.name, {})[r] = t
             finally:
                 if isinstance(cfg, C.Bpftrace):
@@ -225,7 +236,11 @@ def main(argv=None):
                          "rule: every process here pays audit's per-syscall cost (all "
                          "configurations, baseline included) until reboot")
         do_tput = "throughput" not in skip
-        run_rounds(env, cfgs, sz["rounds"], raw, counts, tput, do_tput, lambda c: 1.0, log)
+        profile = {} if args.profile else None
+        run_rounds(env, cfgs, sz["rounds"], raw, counts, tput, do_tput, lambda c: 1.0, log,
+                   profile)
+        if profile:
+            extra["profile"] = profile
         for name, fn in (("latency", lambda: scenarios.latency(env)),
                          ("update_race", lambda: scenarios.update_race(env)),
                          ("startup", lambda: scenarios.startup(env, sz["pods"]))):
@@ -289,7 +304,7 @@ def main(argv=None):
                                                      counts.items() if "tracer_total" in v},
         **extra, "targets": tgt, "notes": notes, "errors": errors,
     }
-    path = report.write(result, args.results_dir, stamp)
+    path = report.write(result, args.results_dir, stamp, report.markdown(result, all_cfgs))
     print()
     print(report.table(summary, all_cfgs, scenarios.MICRO))
     print("\nratios: median over rounds of (config / baseline of the same round); "

@@ -74,7 +74,7 @@ def exact_counts(raw_counts):
     for name, per_wl in raw_counts.items():
         for wl, per_round in per_wl.items():
             rs = list(per_round.values())
-            if not rs or "events" not in rs[0]:
+            if not rs or "expected_events" not in rs[0]:
                 continue
             out.setdefault(name, {})[wl] = {
                 "expected": sum(r["expected_events"] for r in rs),
@@ -151,8 +151,12 @@ def fmt_targets(ts):
     return "\n".join(lines)
 
 
-def write(result, results_dir, stamp):
+def write(result, results_dir, stamp, md=None):
     os.makedirs(results_dir, exist_ok=True)
+    if md is not None:
+        for name in (f"{stamp}.md", "latest.md"):
+            with open(os.path.join(results_dir, name), "w") as f:
+                f.write(md)
     path = os.path.join(results_dir, f"{stamp}.json")
     text = json.dumps(result, indent=1, sort_keys=False, default=str)
     with open(path, "w") as f:
@@ -222,3 +226,24 @@ def fmt_other(r):
     if "auditd_watch_records" in r:
         out.append(f"auditd logged {r['auditd_watch_records']:,} records for its watch")
     return "\n".join(out)
+
+
+def markdown(r, configs):
+    """The README's Performance figures, from one result."""
+    wls = ("open_unw", "read_wat", "getpid")
+    lines = [f"Measured {r['timestamp']} ({r['mode']} run, {r['host']['cpus']} CPUs, kernel "
+             f"{r['host']['kernel']}); ns/op medians over {(r.get('sizes') or {}).get('rounds')} "
+             "interleaved rounds; ratio = median of per-round ratios to the baseline of the same "
+             "round, [min-max] of those ratios.", "",
+             "| config | " + " | ".join(wls) + " |", "|---|" + "---|" * len(wls)]
+    for c in configs:
+        cells = []
+        for wl in wls:
+            s = r["micro"].get(c.name, {}).get(wl)
+            cells.append("-" if not s else f"{fmt_ns(s['median'])} {fmt_ratio(s)}".strip())
+        lines.append(f"| {c.name} ({c.note}) | " + " | ".join(cells) + " |")
+    lines += ["", "```", fmt_other(r).strip("\n"), "```", "", "Targets (issue 6):", "", "```",
+              fmt_targets(r["targets"]), "```"]
+    if r.get("notes"):
+        lines += [""] + [f"- {n}" for n in r["notes"]]
+    return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -94,6 +95,30 @@ def throughput(env, cfg, scale=1.0):
     if "tracer_cpu_s" in r and r.get("events"):
         r["tracer_cpu_us_per_event"] = r["tracer_cpu_s"] * 1e6 / r["events"]
     return r
+
+
+class Perf:
+    """perf record -g on one process; stop() gives the top of the report."""
+
+    def __init__(self, pid, out):
+        import shutil
+        self.out = out
+        self.proc = None
+        if shutil.which("perf"):
+            self.proc = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", str(pid),
+                                          "-o", out], stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+
+    def stop(self):
+        if self.proc is None:
+            return "perf not installed"
+        procs.stop(self.proc, sig=signal.SIGINT)
+        r = subprocess.run(["perf", "report", "-i", self.out, "--stdio", "--no-children",
+                            "--sort", "dso,symbol", "--percent-limit", "1", "-g", "none"],
+                           capture_output=True, text=True)
+        lines = [ln for ln in r.stdout.splitlines() if ln.strip() and not ln.startswith("#")]
+        return "\n".join(lines[:40])
 
 
 # -- latency ---------------------------------------------------------------
