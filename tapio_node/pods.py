@@ -65,6 +65,7 @@ _MAX_DEPTH = 32
 
 _WATCH_MASK = (_F.CREATE | _F.DELETE | _F.MOVED_FROM | _F.MOVED_TO
                | _F.DELETE_SELF | _F.MOVE_SELF | _F.ONLYDIR | _F.DONT_FOLLOW)
+_SA_VOLUME_PREFIX = "kube-api-access-"
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -340,7 +341,14 @@ class _OddNames:
 
 class PodRegistry:
     """cgroup id -> pod/container, kept current with inotify, mirrored into
-    the BPF maps pod_info_map and container_pids (through `maps`)."""
+    the BPF maps pod_info_map and container_pids (through `maps`, a
+    tapio_node.bpf.KernelMaps).
+
+    `metrics.correlation(operation)` counts kernel_monitor_pod_correlation_total:
+    "cgroup_lookup" (every accessor() call), "cgroup_lookup_miss" (not a pod
+    process), "namespace_file" (service-account fallback read),
+    "add_container_pid", "add_pod_info".
+    """
 
     def __init__(self, *, cgroup_root: str, pod_logs_path: str, kubelet_pods_path: str,
                  kubelet_cgroups: list[str], kubelet_executables: list[str],
@@ -391,12 +399,14 @@ class PodRegistry:
     # ---------------------------------------------------------- lifecycle
 
     def start(self) -> None:
+        """Initial scan of the cgroup tree and the pod logs dir; fills the maps."""
         with self._lock:
             if self._ino is None:
                 self._ino = INotify(nonblocking=True)
             self._rescan()
 
     def filenos(self) -> list[int]:
+        """The inotify fd to select on (call handle_io when readable)."""
         return [self._ino.fileno()] if self._ino is not None else []
 
     def close(self) -> None:
@@ -414,6 +424,9 @@ class PodRegistry:
     # ---------------------------------------------------------- lookups
 
     def accessor(self, cgroup_id: int, pid: int, comm: str) -> Accessor:
+        """Who opened a file: one dict lookup for pod processes; for others,
+        role "kubelet" by comm, by /proc/<pid>/cgroup (cached per cgroup id)
+        or by /proc/<pid>/exe."""
         acc = self._acc.get(cgroup_id)
         m = self._metrics
         if m is not None:
@@ -425,6 +438,8 @@ class PodRegistry:
         return _KUBELET if self._is_kubelet(cgroup_id, pid, comm) else _HOST
 
     def pod_names(self, pod_uid: str) -> tuple[str | None, str | None]:
+        """(namespace, pod name) from pod_logs_path; else (namespace from the
+        service-account volume, None); else (None, None)."""
         names = self._log_names.get(pod_uid)
         if names is not None:
             return names
@@ -443,6 +458,8 @@ class PodRegistry:
     # ---------------------------------------------------------- API for other collectors
 
     def add_container_pid(self, pid: int) -> int:
+        """Put pid -> its cgroup id into container_pids (the seed's
+        AddContainerPID); ValueError unless the pid lives in a pod cgroup."""
         if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**22 + 1:
             raise ValueError(f"add_container_pid: pid {pid!r} is not a valid process id")
         try:
@@ -455,7 +472,7 @@ class PodRegistry:
         path = _v2_path(data)
         if path is None:
             raise ValueError(f"add_container_pid: pid {pid} has no cgroup v2 entry ('0::/...') "
-                             "in /proc/{pid}/cgroup")
+                             f"in /proc/{pid}/cgroup")
         with self._lock:
             full = self._cg_mount + ("" if path == "/" else path)
             cgid = self._ensure(full)
@@ -469,6 +486,9 @@ class PodRegistry:
             return cgid
 
     def add_pod_info(self, cgroup_id: int, info: PodInfo) -> None:
+        """Set what a cgroup id belongs to (the seed's AddPodInfo); it wins
+        over what the cgroup's name says and survives resyncs while its
+        dir exists (forever when no dir under cgroup_root has that id)."""
         if (not isinstance(cgroup_id, int) or isinstance(cgroup_id, bool)
                 or not 0 < cgroup_id < 2**64):
             raise ValueError(f"add_pod_info: cgroup_id {cgroup_id!r} is not a cgroup id "
@@ -515,6 +535,7 @@ class PodRegistry:
                 self._log.exception("pods: error while handling inotify events; next resync repairs")
 
     def resync(self) -> int:
+        """Full rescan; the number of discrepancies it fixed (tree and maps)."""
         with self._lock:
             try:
                 fixed = self._rescan()
@@ -961,8 +982,12 @@ class PodRegistry:
             for part in (uid, "volumes", "kubernetes.io~projected"):
                 fd = os.open(part, _O_DIR, dir_fd=fd)
                 fds.append(fd)
+            # Only the service-account volume: its `namespace` key comes from
+            # the downward API, while any other projected volume may carry a
+            # user-chosen `namespace` key (a pod could claim another namespace).
             with os.scandir(fd) as it:
-                vols = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+                vols = sorted(e.name for e in it if e.name.startswith(_SA_VOLUME_PREFIX)
+                              and e.is_dir(follow_symlinks=False))
             for vol in vols:
                 ns = self._read_vol_namespace(fd, vol)
                 if ns is not None:

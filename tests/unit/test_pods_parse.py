@@ -341,6 +341,16 @@ def test_namespace_from_the_service_account_volume(tree):
         reg.close()
 
 
+def test_only_the_service_account_volume_names_the_namespace(tree):
+    _, _, kpods = tree
+    _sa_volume(kpods, UID, b"kube-system", vol="my-projected-config")   # user content
+    reg = _registry(tree)
+    try:
+        assert reg.pod_names(UID) == (None, None)
+    finally:
+        reg.close()
+
+
 @pytest.mark.parametrize("attack", ["data_out", "key_out", "vol_link", "pod_link", "bad_content", "big"])
 def test_service_account_volume_never_leaves_its_root(tree, attack):
     _, _, kpods = tree
@@ -350,11 +360,11 @@ def test_service_account_volume_never_leaves_its_root(tree, attack):
     (outside / "namespace").write_text("stolen")
     if attack == "pod_link":
         os.symlink(outside, kpods / uid)
-        (outside / "volumes/kubernetes.io~projected/v").mkdir(parents=True)
-        (outside / "volumes/kubernetes.io~projected/v/namespace").write_text("stolen")
+        (outside / "volumes/kubernetes.io~projected/kube-api-access-v").mkdir(parents=True)
+        (outside / "volumes/kubernetes.io~projected/kube-api-access-v/namespace").write_text("stolen")
     elif attack == "vol_link":
         (kpods / uid / "volumes/kubernetes.io~projected").mkdir(parents=True)
-        os.symlink(outside, kpods / uid / "volumes/kubernetes.io~projected/v")
+        os.symlink(outside, kpods / uid / "volumes/kubernetes.io~projected/kube-api-access-v")
     else:
         d = _sa_volume(kpods, uid, {"bad_content": b"Not A Label", "big": b"a" * 4096}.get(attack, b"ok"))
         if attack == "data_out":
