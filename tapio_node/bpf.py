@@ -11,7 +11,8 @@ from tapio_node import wire
 log = logging.getLogger("tapio_node.bpf")
 
 TRACEFS_ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-PINNED_MAPS = ("pod_info_map", "container_pids")
+# Correlation maps for other collectors; the watch maps for troubleshooting.
+PINNED_MAPS = ("pod_info_map", "container_pids", "watched_inodes", "watched_devs", "watched_dirs")
 # Programs that exist to name a tracepoint's path for the autoload check.
 TRACEPOINT_OF = {
     "trace_config_access": "syscalls/sys_exit_openat",

@@ -242,7 +242,10 @@ class Daemon:
             pass
 
     def _on_volumes(self) -> None:
-        self.volumes.handle_io()
+        overflows = self.volumes.overflows
+        changes = self.volumes.handle_io()
+        if self.volumes.overflows != overflows and self.metrics is not None:
+            self.metrics.resync("inotify_overflow", changes)
 
     def _on_pods(self) -> None:
         self.pods.handle_io()
@@ -493,6 +496,8 @@ def run(config_path: str | None, output: str) -> int:
     except KernelUnavailable as exc:
         print(f"tapio-node: cannot start: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        return 0
     except OSError as exc:
         if getattr(exc, "errno", None) in (errno.EPERM, errno.EACCES):
             print(f"tapio-node: cannot start: {exc} (needs root or CAP_BPF+CAP_PERFMON; "
@@ -500,7 +505,5 @@ def run(config_path: str | None, output: str) -> int:
             return 1
         print(f"tapio-node: cannot start: {exc}", file=sys.stderr)
         return 1
-    except BrokenPipeError:
-        return 0
     finally:
         daemon.close()

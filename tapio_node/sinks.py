@@ -3,9 +3,11 @@ only). Every sink takes a folded group: one event with a count and the
 kernel timestamps of each access."""
 from __future__ import annotations
 
+import collections
 import os
 import select
 import sys
+import threading
 
 import msgspec
 
@@ -16,13 +18,50 @@ _PLACEHOLDER = "\x00tapio-ts\x00"
 
 class StdoutSink:
     """One JSON object per line per access, exact: a group of N accesses
-    writes N lines, each with its own kernel timestamp."""
+    writes N lines, each with its own kernel timestamp.
 
-    def __init__(self, stream=None, clock: ev.Clock | None = None):
+    A writer thread does the blocking writes, so a slow reader of our
+    stdout (a pipe to jq, a log shipper) never stalls the ring-buffer
+    drain; up to max_pending bytes wait in memory before we block."""
+
+    def __init__(self, stream=None, clock: ev.Clock | None = None,
+                 max_pending: int = 64 << 20):
         self.fd = (stream or sys.stdout).fileno()
         self.clock = clock or ev.Clock()
         self._buf = bytearray()
         self.lines = 0
+        self.max_pending = max_pending
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._writer, name="tapio-stdout", daemon=True)
+        self._thread.start()
+
+    def _writer(self) -> None:
+        while True:
+            with self._cond:
+                while not self._chunks and not self._closed:
+                    self._cond.wait()
+                if not self._chunks:
+                    return
+                data = self._chunks.popleft()
+            try:
+                self._write_all(data)
+            except OSError as exc:  # e.g. EPIPE: the reader went away
+                self.error = exc
+            with self._cond:
+                self._pending -= len(data)
+                self._cond.notify_all()
+
+    def _write_all(self, data: bytes) -> None:
+        off = 0
+        while off < len(data):
+            try:
+                off += os.write(self.fd, data[off:])
+            except BlockingIOError:
+                select.select([], [self.fd], [], 1.0)
 
     def emit(self, event, count: int, stamps: list[int] | None) -> None:
         if not stamps or count == 1:
@@ -39,21 +78,31 @@ class StdoutSink:
         self.lines += len(parts)
 
     def flush(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
         if not self._buf:
             return
         data, self._buf = bytes(self._buf), bytearray()
-        off = 0
-        while off < len(data):
-            try:
-                off += os.write(self.fd, data[off:])
-            except BlockingIOError:
-                select.select([], [self.fd], [], 1.0)
+        with self._cond:
+            while self._pending > self.max_pending and self._thread.is_alive():
+                self._cond.wait(1.0)
+            self._chunks.append(data)
+            self._pending += len(data)
+            self._cond.notify_all()
 
     def tick(self, now: float) -> None:
         self.flush()
 
-    def close(self) -> None:
-        self.flush()
+    def close(self, timeout: float = 3.0) -> None:
+        """Write out what is queued (bounded wait), then stop the writer."""
+        try:
+            self.flush()
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            self._thread.join(timeout)
 
 
 class JournalSinkAdapter:

@@ -43,7 +43,7 @@ def test_stdout_sink_writes_one_line_per_access_with_its_timestamp():
     stamps = [mono, mono + 1, mono + 2]
     sink.emit(_event(sink.clock.rfc3339(mono)), 3, stamps)
     sink.emit(_event(sink.clock.rfc3339(mono)), 1, [mono])
-    sink.flush()
+    sink.close()
     os.close(w)
     lines = os.read(r, 1 << 16).decode().splitlines()
     os.close(r)

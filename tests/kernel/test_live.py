@@ -1,0 +1,179 @@
+"""Issue 4 on this kernel: a node that changes under the daemon. Atomic
+updates raced against readers, pods coming and going, cross-pod reads,
+inotify overflow, restart."""
+import json
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+from harness import daemon_factory, metric_value  # noqa: F401  (fixture)
+from tapio_node.simulate import VolumeSpec
+
+pytestmark = pytest.mark.kernel
+
+
+def _pinned_count(pin_path, name):
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", os.path.join(pin_path, name)],
+                         capture_output=True, text=True, check=True).stdout
+    return len(json.loads(out))
+
+
+def _pod(node, ns="shop", name="web-0", **kw):
+    return node.add_pod(ns, name, [
+        VolumeSpec("configmap", "app-config", {"app.yaml": b"v: 0\n", "conf.d/extra.yaml": b"x\n"}),
+        VolumeSpec("secret", "db-credentials", {"password": b"p0\n", "username": b"u\n"}),
+    ], **kw)
+
+
+@pytest.mark.parametrize("volume, path, key", [
+    ("app-config", "/run/config/app-config/app.yaml", "app.yaml"),
+    ("db-credentials", "/run/secrets/db-credentials/password", "password"),
+])
+def test_atomic_updates_raced_by_a_reader_miss_nothing(sim_node, daemon_factory, volume, path, key):
+    pod = _pod(sim_node)
+    ctr = pod.add_container("app")
+    d = daemon_factory(sim_node.write_config())
+    n = 4000
+    reader = ctr.start_reader(path, count=n)
+    done = threading.Event()
+
+    def updates():
+        i = 0
+        while not done.is_set() and i < 40:
+            i += 1
+            files = dict(pod.volumes[volume].files)
+            files[key] = f"version {i}\n".encode()
+            pod.update_volume(volume, files)
+    writer = threading.Thread(target=updates)
+    reader.go()
+    writer.start()
+    summary = reader.wait()
+    done.set()
+    writer.join()
+    assert summary["opened"] == n and summary["failed"] == 0
+    got = d.wait_events(n, timeout=20, pred=lambda e: e["process"]["pid"] == summary["pid"])
+    d.settle()
+    got = [e for e in d.lines if e["process"]["pid"] == summary["pid"]]
+    health = json.loads(d.get("/healthz")[1])
+    assert len(got) == n, f"{n - len(got)} opens missed during updates ({health})"
+    assert {e["file"] for e in got} == {key}
+    assert {e["volume_name"] for e in got} == {volume}
+    # The kubelet's own reads during the updates are marked, never cross-pod.
+    kubelet = [e for e in d.lines if e["process"].get("role") == "kubelet"]
+    assert all(e["cross_pod"] is False for e in kubelet)
+
+
+def test_map_follows_updates_and_pod_deletion(sim_node, daemon_factory):
+    first = _pod(sim_node)
+    d = daemon_factory(sim_node.write_config())
+    pin = d.config["pin_path"]
+    before = _pinned_count(pin, "watched_inodes")
+    assert before == 2 + 2 + 3  # configmap keys, secret keys, SA token/ca.crt/namespace
+    second = _pod(sim_node, name="web-1")
+    ctr = second.add_container("app")
+    deadline = time.monotonic() + 5
+    while _pinned_count(pin, "watched_inodes") != before + 7 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _pinned_count(pin, "watched_inodes") == before + 7
+    pods_before = _pinned_count(pin, "pod_info_map")
+    second.update_volume("app-config", {"app.yaml": b"new\n", "conf.d/extra.yaml": b"y\n"})
+    time.sleep(0.3)
+    assert _pinned_count(pin, "watched_inodes") == before + 7   # old payload gone, new in
+    ctr.stop()
+    sim_node.remove_pod(second)
+    deadline = time.monotonic() + 5
+    while _pinned_count(pin, "watched_inodes") != before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _pinned_count(pin, "watched_inodes") == before
+    while _pinned_count(pin, "pod_info_map") >= pods_before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _pinned_count(pin, "pod_info_map") < pods_before
+    health = json.loads(d.get("/healthz")[1])
+    assert health["status"] == "healthy"
+    assert first.uid  # the first pod is untouched
+
+
+def test_pod_created_after_start_is_attributed(sim_node, daemon_factory):
+    d = daemon_factory(sim_node.write_config())
+    t0 = time.monotonic()
+    pod = _pod(sim_node, ns="late", name="newcomer")
+    ctr = pod.add_container("app")
+    summary = ctr.start_reader("/run/secrets/db-credentials/username").wait()
+    (e,) = d.wait_events(1, pred=lambda e: e["process"]["pid"] == summary["pid"])
+    assert time.monotonic() - t0 < 10
+    assert e["pod_uid"] == pod.uid
+    assert (e["namespace"], e["pod_name"]) == ("late", "newcomer")
+    assert e["process"]["pod_uid"] == pod.uid
+    assert e["process"]["container_id"] == ctr.id
+    assert (e["process"]["namespace"], e["process"]["pod_name"]) == ("late", "newcomer")
+    assert e["cross_pod"] is False
+
+
+def test_cross_pod_reads(sim_node, daemon_factory):
+    victim = _pod(sim_node, ns="prod", name="db-0")
+    other = sim_node.add_pod("dev", "snoop", [], service_account=False)
+    own = victim.add_container("postgres")
+    snoop = other.add_container("sh")
+    d = daemon_factory(sim_node.write_config())
+    secret_dir = victim.volume_dir("db-credentials")
+    s_own = own.start_reader("/run/secrets/db-credentials/password").wait()
+    s_other = snoop.start_reader("/run/stolen/password", mounts={"/run/stolen": secret_dir}).wait()
+    s_host = sim_node.start_host_reader(os.path.join(secret_dir, "password")).wait()
+    pids = {s_own["pid"], s_other["pid"], s_host["pid"]}
+    d.wait_events(3, pred=lambda e: e["process"]["pid"] in pids)
+    by_pid = {e["process"]["pid"]: e for e in d.lines if e["process"]["pid"] in pids}
+    assert by_pid[s_own["pid"]]["cross_pod"] is False
+    e = by_pid[s_other["pid"]]
+    assert e["cross_pod"] is True
+    assert (e["process"]["namespace"], e["process"]["pod_name"]) == ("dev", "snoop")
+    assert (e["namespace"], e["pod_name"], e["config_name"]) == ("prod", "db-0", "db-credentials")
+    h = by_pid[s_host["pid"]]
+    assert h["cross_pod"] is True and h["process"]["pod_uid"] is None
+    text = d.get("/metrics")[1].decode()
+    assert metric_value(text, "kernel_monitor_secret_access_total", namespace="prod",
+                        secret="db-credentials") >= 3
+
+
+def test_inotify_overflow_resyncs(sim_node, daemon_factory):
+    knob = "/proc/sys/fs/inotify/max_queued_events"
+    with open(knob) as fh:
+        old = fh.read().strip()
+    try:
+        with open(knob, "w") as fh:
+            fh.write("8")
+        d = daemon_factory(sim_node.write_config())
+    finally:
+        with open(knob, "w") as fh:
+            fh.write(old)
+    pods = [_pod(sim_node, name=f"burst-{i}", service_account=False) for i in range(12)]
+    ctr = pods[-1].add_container("app")
+    deadline = time.monotonic() + 10
+    summary = None
+    while time.monotonic() < deadline:
+        summary = ctr.start_reader("/run/secrets/db-credentials/password").wait()
+        if d.wait_events(1, timeout=1, pred=lambda e: e["process"]["pid"] == summary["pid"]):
+            break
+    assert d.wait_events(1, timeout=1, pred=lambda e: e["process"]["pid"] == summary["pid"])
+    text = d.get("/metrics")[1].decode()
+    assert metric_value(text, "kernel_monitor_resyncs_total", reason="inotify_overflow") >= 1
+    health = json.loads(d.get("/healthz")[1])
+    assert health["watched_pods"] == 12
+
+
+def test_restart_keeps_attribution(sim_node, daemon_factory):
+    pod = _pod(sim_node, ns="prod", name="api-0")
+    ctr = pod.add_container("api")
+    cfg = sim_node.write_config()
+    seen = []
+    for _ in range(2):
+        d = daemon_factory(cfg)
+        s = ctr.start_reader("/run/config/app-config/app.yaml").wait()
+        (e,) = d.wait_events(1, pred=lambda e: e["process"]["pid"] == s["pid"])
+        seen.append((e["pod_uid"], e["namespace"], e["pod_name"], e["file"],
+                     e["process"]["pod_uid"], e["process"]["container_id"]))
+        rc, _ = d.stop()
+        assert rc == 0
+    assert seen[0] == seen[1] == (pod.uid, "prod", "api-0", "app.yaml", pod.uid, ctr.id)
