@@ -318,8 +318,42 @@ def mount(src, tgt, fstype, flags, data=None):
         os._exit(127)
 # unshare(1) made the namespace private already; make sure nothing propagates back.
 mount(None, "/", None, MS_REC | MS_PRIVATE)
+ours = set()  # st_dev of the tmpfs mounts made here: mount points may be created in them
+def tmpfs(d, mode):
+    mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "mode=%o" % mode)
+    ours.add(os.stat(d).st_dev)
+def populate(src, dst, skip=()):
+    # Re-expose src's entries in the (tmpfs) dir dst: symlinks copied, the rest bind-mounted.
+    for ent in os.scandir(src):
+        if ent.name in skip:
+            continue
+        d = os.path.join(dst, ent.name)
+        if ent.is_symlink():
+            os.symlink(os.readlink(ent.path), d)
+            continue
+        if ent.is_dir():
+            os.mkdir(d)
+        else:
+            os.close(os.open(d, os.O_CREAT | os.O_WRONLY, 0o600))
+        mount(ent.path, d, None, MS_BIND | MS_REC)
+def nearest_dir(p):
+    while not os.path.isdir(p):
+        p = os.path.dirname(p)
+    return p
+targets = [(os.path.realpath(t), t, src) for t, src in spec["mounts"]]
 # A fresh /run (as in a container) so mount points are never created on the host.
-mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
+tmpfs("/run", 0o755)
+if any(not os.path.isdir(r) and nearest_dir(r) == "/" for r, _, _ in targets):
+    # A new top-level dir: "/" cannot be over-mounted in place, so build a copy of
+    # the root on a tmpfs (entries bind-mounted) and chroot into it.
+    root = "/run/.sim-root"
+    os.mkdir(root)
+    tmpfs(root, 0o755)
+    populate("/", root, skip=("run",))
+    os.mkdir(root + "/run")
+    os.chroot(root)
+    os.chdir("/")
+    tmpfs("/run", 0o755)
 stage_n = 0
 def mirror(d):
     # Replace d by a tmpfs that re-exposes d's entries, so new mount points can be made in it.
@@ -328,27 +362,12 @@ def mirror(d):
     stage = "/run/.sim-stage/%d" % stage_n
     os.makedirs(stage)
     mount(d, stage, None, MS_BIND | MS_REC)
-    mount("tmpfs", d, "tmpfs", 0, "mode=%o" % (os.stat(stage).st_mode & 0o7777))
-    for ent in os.scandir(stage):
-        dst = os.path.join(d, ent.name)
-        if ent.is_symlink():
-            os.symlink(os.readlink(ent.path), dst)
-            continue
-        if ent.is_dir():
-            os.mkdir(dst)
-        else:
-            os.close(os.open(dst, os.O_CREAT | os.O_WRONLY, 0o600))
-        mount(ent.path, dst, None, MS_BIND | MS_REC)
-for target, source in spec["mounts"]:
-    real = os.path.realpath(target)
+    tmpfs(d, os.stat(stage).st_mode & 0o7777)
+    populate(stage, d)
+for real, target, source in targets:
     if not os.path.isdir(real):
-        anc = real
-        while not os.path.isdir(anc):
-            anc = os.path.dirname(anc)
-        if anc != "/run" and not anc.startswith("/run/"):
-            if anc == "/":
-                sys.stderr.write("container init: cannot create %s: no existing top-level dir\n" % target)
-                os._exit(127)
+        anc = nearest_dir(real)
+        if os.stat(anc).st_dev not in ours:
             mirror(anc)
         os.makedirs(real)
     mount(source, real, None, MS_BIND | MS_REC)

@@ -251,6 +251,18 @@ def test_mount_under_an_existing_host_dir_is_private(sim_node):
     assert not os.path.exists(target)
 
 
+def test_mount_at_a_new_top_level_dir_and_two_under_etc(sim_node):
+    pod = sim_node.add_pod("shop", "web-0", _web_volumes())
+    top, etc1, etc2 = (f"/tapio-sim-{os.getpid()}", f"/etc/tapio-sim-{os.getpid()}/a", f"/etc/tapio-sim-{os.getpid()}/b")
+    p = pod.add_container("web").run(
+        ["sh", "-c", f"cat {top}/tls.key {etc1}/app.yaml {etc2}/tls.crt && test -s /etc/passwd && test -e /proc/self"],
+        mounts={top: pod.volume_dir("certs"), etc1: pod.volume_dir("app-config"), etc2: pod.volume_dir("certs")},
+        stdout=subprocess.PIPE)
+    out, _ = p.communicate(timeout=60)
+    assert (p.returncode, out) == (0, b"KEY\na: 1\nCRT\n")
+    assert not os.path.exists(top) and not os.path.exists(os.path.dirname(etc1))
+
+
 def test_bad_input_is_named(sim_node):
     with pytest.raises(ValueError, match="kind 'dowwnward'"):
         VolumeSpec("dowwnward", "x", {})
