@@ -659,7 +659,9 @@ class PodRegistry:
 
     def _rescan(self) -> int:
         self._attach_roots()
-        fixed = 0
+        # Names first: with them known, no pod needs the service-account
+        # fallback, whose read is itself an open of a watched file.
+        fixed = self._scan_logs()
         seen: set[str] = set()
         if self._cg_ok:
             if not _is_real_dir(self.cgroup_root):
@@ -674,7 +676,6 @@ class PodRegistry:
                 self._forget_tree(path)
         if self._cg_ok and self.cgroup_root not in self._dirs:
             self._dirs[self.cgroup_root] = _OTHER
-        fixed += self._scan_logs()
         self._sa_ns = {k: v for k, v in self._sa_ns.items() if v is not None}
         fixed += self._sync_maps()
         return fixed
