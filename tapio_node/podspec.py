@@ -843,7 +843,7 @@ class PodSpecs:
     # -------------------------------------------------------------- API
 
     def _run_api(self) -> None:
-        attempt = 0
+        attempt = gone_streak = 0
         relist_rv: str | None = "0"
         while not self._stop.is_set():
             client = None
@@ -862,7 +862,7 @@ class PodSpecs:
                     rv, events, dropped = self._watch(client, rv)
                     relist_rv = rv
                     if events:
-                        attempt = 0
+                        attempt = gone_streak = 0
                     if dropped or (not events and time.monotonic() - began < 1.0):
                         # Dropped, or ended at once with nothing in it: re-watch from rv, without spinning.
                         attempt += 1
@@ -870,9 +870,13 @@ class PodSpecs:
             except _Gone:
                 # Our resourceVersion is compacted away: only a fresh list is complete.
                 relist_rv = None
+                gone_streak += 1
                 if self._m:
                     self._m.restarts.labels("gone").inc()
                 log.info("pod specs: watch expired (410 Gone); relisting")
+                if gone_streak > 1:
+                    # Gone again right after a relist: do not hammer the API server.
+                    self._stop.wait(self._backoff(gone_streak))
                 continue
             except SourceError as e:
                 if self._stop.is_set():
