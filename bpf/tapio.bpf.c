@@ -18,6 +18,9 @@ char LICENSE[] SEC("license") = "GPL";
 
 /* 1 in N syscalls of pod processes becomes a pod_syscall record (0: off). */
 const volatile __u32 sampling_rate = 0;
+/* The daemon's own reads (e.g. a service account's namespace file) are
+ * not accesses to report. */
+const volatile __u32 self_tgid = 0;
 /* Read the path from the stashed enter argument instead of pt_regs. */
 const volatile __u32 use_enter_stash = 0;
 
@@ -222,6 +225,9 @@ static __always_inline int on_open_exit(long ret, __u32 op, int path_arg)
 		return 0;
 	}
 
+	id = bpf_get_current_pid_tgid();
+	if ((__u32)(id >> 32) == self_tgid)
+		return 0;
 	count(TAPIO_STAT_HITS);
 	if (flags & (TAPIO_F_BY_DEV | TAPIO_F_BY_DIR)) {
 		ext = bpf_ringbuf_reserve(&events, sizeof(*ext), 0);
@@ -234,7 +240,6 @@ static __always_inline int on_open_exit(long ret, __u32 op, int path_arg)
 		return 0;
 	}
 
-	id = bpf_get_current_pid_tgid();
 	if (BPF_CORE_READ(inode, __i_nlink) == 0)
 		flags |= TAPIO_F_UNLINKED;
 	rec->kind = TAPIO_REC_ACCESS;

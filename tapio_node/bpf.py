@@ -113,6 +113,7 @@ class Kernel:
         obj.set_max_entries("events", rb_size)
         obj.set_u32(".rodata", "sampling_rate", sampling_rate)
         obj.set_u32(".rodata", "use_enter_stash", 1 if use_stash else 0)
+        obj.set_u32(".rodata", "self_tgid", os.getpid())
         for name in obj.programs():
             tp = TRACEPOINT_OF.get(name)
             want = True
