@@ -321,12 +321,11 @@ class _OddNames:
         self.suppressed = 0
 
     def skip(self, what: str, path: str) -> None:
-        key = what + "\0" + path
-        if key in self._seen:
+        if path in self._seen:
             return
         if len(self._seen) > 4096:
             self._seen.clear()
-        self._seen.add(key)
+        self._seen.add(path)
         now = time.monotonic()
         if now - self._window > 60.0:
             if self.suppressed:

@@ -380,3 +380,60 @@ def test_real_bpf_maps(node, request):
             reg.close()
     finally:
         kernel.close()
+
+
+_AS_NOBODY = r"""
+import json, logging, os, sys
+sys.path.insert(0, sys.argv[1])
+from tapio_node.pods import PodRegistry
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+root, logs, kpods, uid, uid2, cid, cid2, uid3 = sys.argv[2:]
+reg = PodRegistry(cgroup_root=root, pod_logs_path=logs, kubelet_pods_path=kpods,
+                  kubelet_cgroups=["kubelet.service"], kubelet_executables=["kubelet"])
+reg.start()
+reg.resync()
+reg.handle_io()
+a = reg.accessor(os.stat(f"{root}/kubepods/pod{uid}/{cid}").st_ino, 1, "x")
+print(json.dumps({"pods": reg.pods(), "pod_uid": a.pod_uid, "ns": a.namespace,
+                  "sa": reg.pod_names(uid3)}))
+"""
+
+
+def test_permission_errors_are_skipped_not_fatal(tmp_path):
+    """As nobody (setpriv), over a tree with unreadable dirs: the readable
+    pod is found, the rest is skipped with a log line, nothing raises."""
+    import shutil
+    import sys
+    import tempfile
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("requires root and setpriv (runs the registry as nobody)")
+    base = tempfile.mkdtemp(prefix="tapio-pods-perm-")
+    try:
+        os.chmod(base, 0o755)
+        uid, uid2, uid3 = (str(uuid.uuid4()) for _ in range(3))
+        cid, cid2 = secrets.token_hex(32), secrets.token_hex(32)
+        root, logs, kpods = (os.path.join(base, d) for d in ("cgroup", "logs", "kpods"))
+        os.makedirs(f"{root}/kubepods/pod{uid}/{cid}")
+        os.makedirs(f"{root}/kubepods/pod{uid2}/{cid2}")
+        os.chmod(f"{root}/kubepods/pod{uid2}", 0o700)          # unreadable for nobody
+        os.makedirs(f"{logs}/team_web_{uid}")
+        os.makedirs(f"{kpods}/{uid3}/volumes/kubernetes.io~projected/kube-api-access-abcde")
+        with open(f"{kpods}/{uid3}/volumes/kubernetes.io~projected/kube-api-access-abcde/namespace", "w") as f:
+            f.write("secret-ns")
+        os.chmod(f"{kpods}/{uid3}", 0o700)
+        for d in (root, logs, kpods):
+            os.chmod(d, 0o755)
+        r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                            sys.executable, "-c", _AS_NOBODY, os.path.dirname(os.path.dirname(
+                                os.path.dirname(os.path.abspath(__file__)))),
+                            root, logs, kpods, uid, uid2, cid, cid2, uid3],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        import json
+        out = json.loads(r.stdout)
+        # pod 2's pod-level cgroup is seen (its parent is readable), its container is not
+        assert out == {"pods": 2, "pod_uid": uid, "ns": "team", "sa": [None, None]}
+        assert "(Permission denied)" in r.stderr
+        assert r.stderr.count(f"pod{uid2}") == 1       # one line, not one per scan
+    finally:
+        shutil.rmtree(base)
