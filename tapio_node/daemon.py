@@ -373,8 +373,8 @@ class Daemon:
                 cross_pod = acc.role != "kubelet" and acc.pod_uid != vol.pod_uid
             event = ev.AccessEvent(
                 event_type=event_type, timestamp=rfc(first), pod_uid=vol.pod_uid,
-                namespace=namespace, pod_name=pod_name, config_name=vol.name,
-                config_name_source="volume_name", volume_name=vol.name,
+                namespace=namespace, pod_name=pod_name, config_name=vol.config_name or vol.name,
+                config_name_source="collector" if vol.config_name else "volume_name", volume_name=vol.name,
                 mount_path=vol.path, file=key, path=path, process=proc,
                 cross_pod=cross_pod, syscall=wire.OP_NAMES.get(op, str(op)),
                 stale_inode=bool(flags & wire.F_UNLINKED),
@@ -428,6 +428,32 @@ class Daemon:
                                    syscall_nr=nr, count=count, process=proc)
         self.sink.emit(event, 1, None)
         return count
+
+    # -- API for other collectors (the seed's AddContainerPID, AddPodInfo,
+    # AddMountInfo). Call from the loop's thread, or with the loop stopped.
+    def add_container_pid(self, pid: int) -> int:
+        if self.pods is None:
+            raise RuntimeError("pod correlation is off (enable_pod_correlation: false)")
+        return self.pods.add_container_pid(pid)
+
+    def add_pod_info(self, cgroup_id: int, info) -> None:
+        if self.pods is None:
+            raise RuntimeError("pod correlation is off (enable_pod_correlation: false)")
+        self.pods.add_pod_info(cgroup_id, info)
+
+    def add_mount_info(self, info) -> None:
+        info.validate()
+        self.volumes.add_mount(info.mount_path, "secret" if info.is_secret else "configmap",
+                               info.name, info.namespace, info.pod_uid or "")
+
+    def stop(self) -> None:
+        """Ask the loop to return (thread-safe)."""
+        self._stop = True
+        if self._sig_w is not None:
+            try:
+                self._sig_w.send(b"\0")
+            except OSError:
+                pass
 
     # -- reload and stop ---------------------------------------------------
     def reload(self) -> None:

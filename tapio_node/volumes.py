@@ -17,6 +17,8 @@ import stat
 import time
 from dataclasses import dataclass, field
 
+import msgspec
+
 from inotify_simple import INotify, flags as IN
 
 from tapio_node import kpath, wire
@@ -32,6 +34,29 @@ MAX_KEY_DEPTH = 8
 GRAVE_SECONDS = 30.0
 
 
+class MountInfo(msgspec.Struct, frozen=True):
+    """A ConfigMap/Secret mount named by another collector (the seed's
+    MountInfo): its host dir is watched like a kubelet volume."""
+    name: str
+    namespace: str | None
+    mount_path: str
+    is_secret: bool = False
+    pod_uid: str | None = None
+
+    def validate(self) -> None:
+        if not kpath.valid_subdomain(self.name):
+            raise ValueError(f"MountInfo.name {self.name!r}: expected a DNS-1123 subdomain "
+                             "(a ConfigMap/Secret name)")
+        if self.namespace is not None and not kpath.valid_label(self.namespace):
+            raise ValueError(f"MountInfo.namespace {self.namespace!r}: expected a DNS-1123 label")
+        if not os.path.isabs(self.mount_path):
+            raise ValueError(f"MountInfo.mount_path {self.mount_path!r}: expected an absolute path")
+        if not os.path.isdir(self.mount_path) or os.path.islink(self.mount_path):
+            raise ValueError(f"MountInfo.mount_path {self.mount_path!r}: not a directory")
+        if self.pod_uid is not None and not kpath.valid_pod_uid(self.pod_uid):
+            raise ValueError(f"MountInfo.pod_uid {self.pod_uid!r}: expected a pod UID")
+
+
 @dataclass(eq=False)
 class Volume:
     id: int
@@ -41,6 +66,7 @@ class Volume:
     name: str
     path: str
     namespace: str | None = None  # known only for add_mount_info volumes
+    config_name: str | None = None  # ConfigMap/Secret name, when told (add_mount_info)
     dev: int = 0
     whole_dev: bool = False
     dir_key: bytes | None = None
@@ -355,9 +381,11 @@ class VolumeIndex:
         if vol is None:
             parsed = kpath.parse_volume_path(path, self.pods_path)
             uid = parsed[0] if parsed else pod_uid
-            vol = self._new_volume(uid, parsed[1] if parsed else "", kind, name, path, namespace)
+            vol = self._new_volume(uid, parsed[1] if parsed else "", kind,
+                                   parsed[2] if parsed else os.path.basename(path), path, namespace)
         else:
             vol.namespace = namespace
+        vol.config_name = name
         self.scan_volume(vol)
         if vol.id not in self.volumes:
             raise FileNotFoundError(f"mount path {path} is not a directory")
