@@ -13,6 +13,16 @@ MESSAGE_ID per event type (stable; use with `journalctl MESSAGE_ID=...`):
     secret_access     c74a8c7ec43e460e88a390d265110be6
     projected_access  601c75ef1e83445397c510929610c98a
 
+Fields: TAPIO_EVENT_TYPE, TAPIO_NAMESPACE, TAPIO_POD_NAME, TAPIO_POD_UID,
+TAPIO_CONFIG_NAME(_SOURCE), TAPIO_VOLUME, TAPIO_FILE, TAPIO_PATH (owner side);
+TAPIO_ACCESSOR_POD (ns/name or "host"), TAPIO_ACCESSOR_POD_UID,
+TAPIO_CONTAINER_ID, TAPIO_CROSS_POD, TAPIO_ROLE, TAPIO_PROCESS_PID,
+TAPIO_PROCESS_COMM, TAPIO_CGROUP_ID (reader side); TAPIO_COUNT,
+TAPIO_FIRST_SEEN, TAPIO_LAST_SEEN; optional TAPIO_SYSCALL, TAPIO_WORKLOAD,
+TAPIO_SERVICE_ACCOUNT, TAPIO_APP, TAPIO_SOURCE_KIND, TAPIO_STALE_INODE;
+OBJECT_PID on records written as the access happens. PRIORITY is warning
+(4) for a secret read from another pod or the host, info (6) otherwise.
+
 Without the journald socket the records go to stderr, one line each, with an
 sd-daemon(3) priority prefix ("<4>", "<6>"), and a notice says so once.
 """
@@ -73,7 +83,8 @@ def _accessor_pod(proc) -> str:
     return proc.pod_uid
 
 
-def record_fields(event, count: int, first: str | None, last: str | None, identifier: str) -> dict[str, str]:
+def record_fields(event, count: int, first: str | None, last: str | None, identifier: str,
+                  live: bool = False) -> dict[str, str]:
     """The journal fields of one (possibly folded) record; None values left out."""
     proc = event.process
     kind = _KIND.get(event.event_type, event.event_type)
@@ -113,6 +124,10 @@ def record_fields(event, count: int, first: str | None, last: str | None, identi
         "TAPIO_CROSS_POD": None if cross is None else ("true" if cross else "false"),
         "TAPIO_ROLE": proc.role if proc else None,
         "TAPIO_PROCESS_PID": proc.pid if proc else None,
+        # journald adds OBJECT_COMM/EXE/CMDLINE/SYSTEMD_CGROUP of this pid when
+        # the sender is root. Only for records written as the access happens:
+        # by the time a fold is flushed the pid may belong to another process.
+        "OBJECT_PID": proc.pid if (proc and live) else None,
         "TAPIO_PROCESS_COMM": proc.command if proc else None,
         "TAPIO_CGROUP_ID": proc.cgroup_id if proc else None,
         "TAPIO_SYSCALL": getattr(event, "syscall", None),
@@ -183,7 +198,7 @@ class JournalSink:
         first = first_ts or event.timestamp
         last = last_ts or event.timestamp
         if self.window == 0:
-            self._write(event, count, first, last)
+            self._write(event, count, first, last, live=True)
             return
         proc = event.process
         accessor = _accessor(proc)
@@ -202,7 +217,7 @@ class JournalSink:
         else:
             # First access of this pair: write now; later repeats fold.
             self._remember(pair)
-            self._write(event, count, first, last)
+            self._write(event, count, first, last, live=True)
             entry = _Fold(event, 0, None, None, now)
         if len(self._table) >= self.max_entries:
             oldest = next(iter(self._table))
@@ -245,8 +260,8 @@ class JournalSink:
         self._write(entry.event, entry.count, entry.first, entry.last)
         return 1
 
-    def _write(self, event, count, first, last) -> None:
-        fields = record_fields(event, count, first, last, self.identifier)
+    def _write(self, event, count, first, last, live: bool = False) -> None:
+        fields = record_fields(event, count, first, last, self.identifier, live)
         self.records_written += 1
         if self._sendv is not None:
             try:

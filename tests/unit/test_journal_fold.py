@@ -179,6 +179,8 @@ def test_record_fields():
     assert f["TAPIO_CGROUP_ID"] == "777" and f["TAPIO_CONTAINER_ID"] == "c0ffee"
     assert "TAPIO_ROLE" not in f  # None fields are left out
     assert "TAPIO_STALE_INODE" not in f
+    assert "OBJECT_PID" not in f  # folded records: the pid may be reused by flush time
+    assert record_fields(ev, 1, "T1", "T1", "tapio-node", live=True)["OBJECT_PID"] == "5"
     cm = record_fields(make_event(event_type="configmap_access", cross=True), 1, "T", "T", "x")
     assert cm["PRIORITY"] == "6"  # only secrets read cross-pod are warnings
     assert cm["MESSAGE_ID"] == MESSAGE_IDS["configmap_access"]
