@@ -437,3 +437,20 @@ def test_permission_errors_are_skipped_not_fatal(tmp_path):
         assert r.stderr.count(f"pod{uid2}") == 1       # one line, not one per scan
     finally:
         shutil.rmtree(base)
+
+
+def test_auto_root_finds_a_kubepods_tree_below_the_mount(node):
+    """cgroup_root "auto" is the whole v2 mount; the kubepods tree of this
+    test sits one level down (like kubelet.slice/kubelet-kubepods.slice)."""
+    uid = str(uuid.uuid4())
+    cid = secrets.token_hex(32)
+    cdir = node.mkdir(f"{systemd_pod(uid, 'burstable')}/cri-containerd-{cid}.scope")
+    proc = node.run_in(cdir)
+    reg = registry(node, cgroup_root="auto")
+    try:
+        reg.start()
+        assert reg.cgroup_root == detect_cgroup_root()
+        assert reg.accessor(ino(cdir), proc.pid, "sleep").container_id == cid
+        assert reg.add_container_pid(proc.pid) == ino(cdir)
+    finally:
+        reg.close()
