@@ -33,13 +33,13 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 __all__ = [
     "SimulationError", "VolumeSpec", "SimulatedNode", "SimPod", "SimContainer",
     "Reader", "atomic_write", "cgroup2_mount", "mounts_under", "reader_argv", "run_demo",
-    "build_demo_node",
+    "build_demo_node", "sweep_stale",
 ]
 
 PLUGINS = {
@@ -676,7 +676,8 @@ class SimulatedNode:
         self._created: list[str] = []  # paths to remove at close, in order
         self.cgroup_root = ""
         if base_dir is None:
-            self.base_dir = tempfile.mkdtemp(prefix="tapio-sim-")
+            # The creator's pid in the name lets sweep_stale() tell abandoned nodes from live ones.
+            self.base_dir = tempfile.mkdtemp(prefix=f"tapio-sim-{os.getpid()}-")
             self._created.append(self.base_dir)
         else:
             os.makedirs(base_dir, exist_ok=True)
@@ -893,6 +894,45 @@ class SimulatedNode:
             shutil.rmtree(self.pin_path, ignore_errors=True)
         if errors:
             raise SimulationError("simulated node teardown: " + "; ".join(errors))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def sweep_stale(cgroup_parent: str | None = None, tmp_dir: str | None = None) -> list[str]:
+    """Remove what simulated nodes of dead processes left behind (e.g. after a SIGKILL):
+    ``tapio-sim-<pid>-*`` cgroups under the cgroup v2 mount (their processes are killed
+    by pid) and temp dirs (unmounted first). Nodes of live processes are not touched.
+    Returns the paths removed."""
+    removed = []
+    parent = cgroup2_mount() if cgroup_parent is None else cgroup_parent
+    tmp = tempfile.gettempdir() if tmp_dir is None else tmp_dir
+    pat = re.compile(r"^tapio-sim-(\d+)-[0-9a-z_]+$")
+    for top in (parent, tmp):
+        try:
+            names = os.listdir(top)
+        except OSError:
+            continue
+        for name in names:
+            m = pat.match(name)
+            path = os.path.join(top, name)
+            if not m or _pid_alive(int(m.group(1))) or not os.path.isdir(path) or os.path.islink(path):
+                continue
+            if top == parent:
+                _empty_and_remove_cgroup_tree(path)
+            else:
+                for mp in sorted(mounts_under(path), key=len, reverse=True):
+                    _umount(mp)
+                shutil.rmtree(path)
+            removed.append(path)
+    return removed
 
 
 def _free_port() -> int:

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tapio_node.simulate import SimulatedNode, SimulationError, cgroup2_mount
+from tapio_node.simulate import SimulatedNode, SimulationError, cgroup2_mount, sweep_stale
 
 BTF_PATH = "/sys/kernel/btf/vmlinux"
 
@@ -61,8 +61,16 @@ def require_root_cgroup2():
         pytest.skip(reason)
 
 
+@pytest.fixture(scope="session")
+def _swept_stale_nodes():
+    # A killed earlier run cannot clean up after itself; remove what it left (dead creators only).
+    if missing_root() or missing_cgroup2():
+        return []
+    return sweep_stale()
+
+
 @pytest.fixture
-def sim_node_factory(require_root_cgroup2):
+def sim_node_factory(require_root_cgroup2, _swept_stale_nodes):
     """``make(**kwargs) -> SimulatedNode``; every node made is closed after the test,
     and a teardown that leaves anything behind fails the test."""
     nodes = []

@@ -13,7 +13,7 @@ from inotify_simple import INotify, flags
 
 from tapio_node.simulate import (
     SA_MOUNT, SimulationError, VolumeSpec, atomic_write, build_demo_node, cgroup2_mount,
-    mounts_under, run_demo,
+    mounts_under, run_demo, sweep_stale,
 )
 
 TS_DIR = re.compile(r"^\.\.\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2}\.\d+$")
@@ -419,3 +419,32 @@ def test_run_demo_cleans_up_on_sigterm(require_root_cgroup2, repo_root):
     assert "cleaned up" in rest
     assert not os.path.exists(base) and not os.path.exists(cg) and mounts_under(base) == []
     assert [pid for pid in reader_pids if _alive(pid)] == []
+
+
+_KILLED_NODE = r"""
+import os, sys
+from tapio_node.simulate import SimulatedNode, VolumeSpec
+node = SimulatedNode()
+pod = node.add_pod("ns", "p", [VolumeSpec("secret", "s", {"k": b"v"})])
+r = pod.add_container("c").start_reader("/run/secrets/s/k", count=0, interval=0.1)
+r.go()
+print(node.base_dir, node.cgroup_root, r.pid, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_sweep_stale_removes_what_a_killed_run_left(sim_node, repo_root):
+    p = subprocess.run([sys.executable, "-c", _KILLED_NODE], stdout=subprocess.PIPE, text=True, cwd=repo_root,
+                       env=dict(os.environ, PYTHONPATH=repo_root))
+    assert p.returncode == -9
+    base, cg, reader = p.stdout.split()
+    try:
+        assert os.path.isdir(base) and os.path.isdir(cg) and len(mounts_under(base)) == 2
+        assert _alive(int(reader))
+    finally:
+        removed = sweep_stale()
+    assert base in removed and cg in removed
+    assert not os.path.exists(base) and not os.path.exists(cg) and mounts_under(base) == []
+    assert not _alive(int(reader))
+    # A live node (this process's) is left alone.
+    assert os.path.isdir(sim_node.cgroup_root) and os.path.isdir(sim_node.base_dir)
