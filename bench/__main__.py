@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -113,6 +114,10 @@ def audit_residue(env):
     return None
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 class Env:
     pass
 
@@ -206,6 +211,9 @@ def main(argv=None):
         print("python -m bench needs root (BPF, tmpfs mounts, cgroups, auditd)", file=sys.stderr)
         return 2
     reexec_in_private_mount_ns()
+    # SIGTERM (a timeout, a CI cancel) unwinds through the finally blocks
+    # that stop auditd, bpftrace and the daemons
+    signal.signal(signal.SIGTERM, _interrupt)
     t_begin = time.monotonic()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     log = lambda msg: print(f"[{time.monotonic() - t_begin:6.1f}s] {msg}", flush=True)
@@ -222,6 +230,7 @@ def main(argv=None):
             notes.append(f"auditd configurations skipped: {why}")
             skip.add("auditd")
     env = None
+    interrupted = False
     raw, counts, tput, extra = {}, {}, {}, {}
     cfgs = main_configs(skip)
     audit_cfgs = []
@@ -276,6 +285,7 @@ def main(argv=None):
                          "so that new processes do not pay audit's per-syscall cost "
                          "(`auditctl -D` removes it; new processes then pay until reboot)")
     except KeyboardInterrupt:
+        interrupted = True
         errors.append("interrupted")
     except Exception as e:
         errors.append(f"{type(e).__name__}: {e}")
@@ -304,7 +314,8 @@ def main(argv=None):
                                                      counts.items() if "tracer_total" in v},
         **extra, "targets": tgt, "notes": notes, "errors": errors,
     }
-    path = report.write(result, args.results_dir, stamp, report.markdown(result, all_cfgs))
+    path = report.write(result, args.results_dir, stamp, report.markdown(result, all_cfgs),
+                        latest=not interrupted)
     print()
     print(report.table(summary, all_cfgs, scenarios.MICRO))
     print("\nratios: median over rounds of (config / baseline of the same round); "
@@ -316,7 +327,8 @@ def main(argv=None):
         print(f"note: {n}")
     for e in errors:
         print(f"error: {e}")
-    print(f"\nresults: {os.path.relpath(path, os.getcwd())} (and latest.json); "
+    print(f"\nresults: {os.path.relpath(path, os.getcwd())}"
+          f"{'' if interrupted else ' (and latest.json, latest.md)'}; "
           f"{time.monotonic() - t_begin:.0f} s")
     return 1 if errors else 0
 

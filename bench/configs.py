@@ -95,7 +95,7 @@ class Tapio(Config):
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if pipe else subprocess.DEVNULL,
-            stderr=self.log, cwd=env.repo)
+            stderr=self.log, cwd=env.repo, preexec_fn=procs.die_with_parent)
         self.pid = self.proc.pid
         if pipe:
             self.reader = threading.Thread(target=self.stdout_target, args=(self.proc.stdout,),
@@ -181,7 +181,7 @@ class Bpftrace(Config):
         self.lines = 0
         self.proc = subprocess.Popen(
             ["bpftrace", "-B", "full", script], stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=procs.die_with_parent)
         self.pid = self.proc.pid
         attached = threading.Event()
 
@@ -295,7 +295,8 @@ plugin_dir = {d}/plugins.d
         # -n: stay in the foreground so we own the pid; it enables audit
         # on start and disables it on SIGTERM
         self.proc = subprocess.Popen(["auditd", "-n", "-c", d], stdin=subprocess.DEVNULL,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=procs.die_with_parent)
 
         def up():
             if self.proc.poll() is not None:
