@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import msgspec
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
@@ -113,6 +114,10 @@ class Metrics:
         if max_series < 1:
             raise ValueError(f"metrics_max_series must be >= 1, got {max_series!r}")
         self.max_series = max_series
+        # A `_created` twin per counter/histogram series doubles what Prometheus
+        # stores for nothing an operator asks about (process-wide switch, 0.17+).
+        if hasattr(prometheus_client, "disable_created_metrics"):
+            prometheus_client.disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         r, p = self.registry, PREFIX
         self._access = {

@@ -44,6 +44,7 @@ def test_exact_access_counts():
                volume="kube-api-access-abcde") == 2
     assert val(s, "kernel_monitor_cross_pod_access_total", namespace="kube-system", kind="projected") == 2
     assert val(s, "kernel_monitor_cross_pod_access_total", namespace="prod", kind="secret") is None
+    assert not [n for n, _ in s if n.endswith("_created")]
     m.cross_pod("prod", "secret", 4)
     s = scrape(m)
     assert val(s, "kernel_monitor_cross_pod_access_total", namespace="prod", kind="secret") == 4
