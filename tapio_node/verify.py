@@ -1,0 +1,31 @@
+"""Load every program of the BPF object through this kernel's verifier
+(`make verify`); exit 1 naming the first one the verifier rejects."""
+import sys
+
+from tapio_node.bpf import object_path, tracepoint_exists, TRACEPOINT_OF
+
+
+def main() -> int:
+    from tapio_node import _fast
+
+    for stash in (0, 1):
+        obj = _fast.BpfObject(object_path())
+        obj.set_u32(".rodata", "use_enter_stash", stash)
+        obj.set_u32(".rodata", "sampling_rate", 100)
+        names = obj.programs()
+        skipped = [n for n in names if n in TRACEPOINT_OF and not tracepoint_exists(TRACEPOINT_OF[n])]
+        for n in names:
+            obj.set_autoload(n, n not in skipped)
+        try:
+            obj.load()
+        except _fast.BpfError as exc:
+            print(f"verifier rejected the object (use_enter_stash={stash}): {exc}", file=sys.stderr)
+            return 1
+        obj.close()
+        print(f"use_enter_stash={stash}: {len(names) - len(skipped)} programs verified"
+              + (f" ({', '.join(skipped)} skipped: no tracepoint)" if skipped else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
