@@ -28,7 +28,7 @@ if REPO not in sys.path:
 from bench import configs as C  # noqa: E402
 from bench import report, scenarios  # noqa: E402
 
-FULL = {"rounds": 5, "open_unw": 200_000, "read_wat": 200_000, "getpid": 2_000_000,
+FULL = {"rounds": 5, "open_unw": 100_000, "read_wat": 100_000, "getpid": 1_000_000,
         "hammer": 1_000_000, "latency_rate": 1000, "latency_secs": 5, "race_secs": 5,
         "pods": 1000}
 QUICK = {"rounds": 2, "open_unw": 50_000, "read_wat": 50_000, "getpid": 500_000,
@@ -302,7 +302,7 @@ def main(argv=None):
     summary = report.summarize_micro(raw, all_cfgs)
     tsum = report.throughput_summary(tput)
     exact = report.exact_counts(counts)
-    tgt = report.targets(summary, tsum, exact, extra)
+    tgt = report.explain(report.targets(summary, tsum, exact, extra), extra.get("profile"))
     result = {
         "timestamp": stamp, "mode": "quick" if args.quick else "full",
         "host": {"kernel": platform.release(), "cpus": os.cpu_count(),

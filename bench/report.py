@@ -142,6 +142,41 @@ def targets(summary, tput, counts, extra):
     return out
 
 
+WHY = {
+    "drops": "the kernel could not reserve ring-buffer space: the daemon drained records "
+             "slower than the workload produced them",
+    "missing": "opens without an event: ring-buffer drops, or records lost in user space "
+               "when it is more than the drops",
+    "cpu": "user-space cost per record; see --profile for where it goes",
+    "latency": "wake-up batching and the time to decode and write one event",
+}
+
+
+def explain(ts, profile=None):
+    """Attach the likely cause to each missed target (what the bench can tell)."""
+    top = None
+    if profile:
+        first = next(iter(profile.values()), "")
+        rows = [ln.split() for ln in first.splitlines()[:3]]
+        top = "; ".join(f"{r[0]} {r[3]} ({r[1]})" for r in rows if len(r) > 3)
+    for t in ts:
+        if t["met"] or t["measured"] is None:
+            continue
+        name = t["target"]
+        why = None
+        if "drops" in name:
+            why = WHY["drops"]
+        elif "missing" in name:
+            why = WHY["missing"]
+        elif "CPU per event" in name or "events/s" in name:
+            why = WHY["cpu"] + (f" (top: {top})" if top else "")
+        elif "latency" in name:
+            why = WHY["latency"]
+        if why:
+            t["why"] = why
+    return ts
+
+
 def fmt_targets(ts):
     lines = []
     for t in ts:
@@ -149,6 +184,8 @@ def fmt_targets(ts):
         vs = "-" if v is None else (f"{v:,.2f}" if isinstance(v, float) else f"{v:,}")
         mark = "ok  " if t["met"] else "MISS"
         lines.append(f"  {mark} {t['target']}: {vs} (target {t['limit']}) {t['note']}".rstrip())
+        if t.get("why"):
+            lines.append(f"         why: {t['why']}")
     return "\n".join(lines)
 
 
