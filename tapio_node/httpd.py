@@ -6,7 +6,6 @@ with /healthz next to /metrics.
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import socket
 import threading
@@ -29,22 +28,16 @@ class ListenError(OSError):
 
 
 def parse_listen_address(value: str) -> tuple[str, int]:
-    """'127.0.0.1:9717', '[::1]:9717', 'localhost:0' -> (host, port)."""
-    if not isinstance(value, str) or ":" not in value:
-        raise ValueError(f"kernel_collector.listen_address must be HOST:PORT (e.g. 127.0.0.1:9717), got {value!r}")
-    host, _, port_s = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        ipaddress.IPv6Address(host)
+    """'127.0.0.1:9717', '[::1]:9717', 'localhost:0' -> (host, port), by the
+    same rules as the config check (config.split_listen_address)."""
+    from .config import split_listen_address
+
+    if not isinstance(value, str):
+        raise ValueError(f"kernel_collector.listen_address must be a string HOST:PORT, got {value!r}")
     try:
-        port = int(port_s)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise ValueError(f"kernel_collector.listen_address {value!r}: port must be 0-65535")
-    if not host:
-        raise ValueError(f"kernel_collector.listen_address {value!r}: give a host, e.g. 127.0.0.1 (localhost only)")
-    return host, port
+        return split_listen_address(value)
+    except ValueError as e:
+        raise ValueError(f"kernel_collector.listen_address: {e}") from None
 
 
 def health(state: DaemonState | None, stuck_after: float = STUCK_AFTER) -> tuple[int, dict]:

@@ -158,10 +158,16 @@ def test_ipv6_loopback():
         assert get(srv.url + "/healthz")[0] == 200
 
 
-@pytest.mark.parametrize("bad", ["9717", "127.0.0.1:http", "127.0.0.1:70000", ":9717", ""])
+@pytest.mark.parametrize("bad", ["9717", "127.0.0.1:http", "127.0.0.1:70000", "example.com:80", ""])
 def test_bad_listen_address(bad):
     with pytest.raises(ValueError, match="listen_address"):
         parse_listen_address(bad)
+
+
+def test_listen_address_forms():
+    assert parse_listen_address("127.0.0.1:9717") == ("127.0.0.1", 9717)
+    assert parse_listen_address("[::1]:0") == ("::1", 0)
+    assert parse_listen_address("localhost:9717") == ("localhost", 9717)
 
 
 # --- a real Prometheus
