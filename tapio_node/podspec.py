@@ -466,8 +466,13 @@ def api_config(
         path = kubeconfig or DEFAULT_KUBECONFIG
         if os.access(path, os.R_OK):
             try:
-                return KubeConfig.from_file(path).get(), f"kubeconfig {path}"
-            except (ConfigError, KeyError, TypeError, ValueError, OSError, yaml.YAMLError, msgspec.ValidationError) as e:
+                with open(path, "rb") as f:
+                    doc = yaml.safe_load(f)
+                if not isinstance(doc, dict):
+                    raise ValueError("not a YAML mapping (kind: Config)")
+                return KubeConfig.from_dict(doc, fname=path).get(), f"kubeconfig {path}"
+            except (ConfigError, LookupError, TypeError, ValueError, OSError, yaml.YAMLError) as e:
+                # msgspec.ValidationError is a ValueError: a field of the wrong type.
                 tried.append(f"kubeconfig {path} is unusable ({type(e).__name__}: {e})")
         else:
             tried.append(f"kubeconfig {path} is not readable")
@@ -526,8 +531,19 @@ def _node_selector(node: str) -> str:
     return f"spec.nodeName={node}"
 
 
-def list_pods(client: Any, node: str, *, resource_version: str | None = "0", limit: int = 500) -> tuple[list[_Pod], str]:
-    """All pods of `node` and the list's resourceVersion. Raises SourceError/_Gone."""
+def list_pods(
+    client: Any,
+    node: str,
+    *,
+    resource_version: str | None = "0",
+    limit: int = 500,
+    on_response: Callable[[Any], None] | None = None,
+) -> tuple[list[_Pod], str]:
+    """All pods of `node` and the list's resourceVersion. Raises SourceError or _Gone.
+
+    `on_response` sees each response before its body is read (PodSpecs keeps
+    the socket so that stop() can interrupt the read).
+    """
     httpx = _httpx()
     server = str(client.base_url)
     params: dict[str, Any] = {"fieldSelector": _node_selector(node)}
@@ -539,13 +555,16 @@ def list_pods(client: Any, node: str, *, resource_version: str | None = "0", lim
     pods: list[_Pod] = []
     while True:
         try:
-            resp = client.get(PODS_PATH, params=params)
+            with client.stream("GET", PODS_PATH, params=params) as resp:
+                if on_response is not None:
+                    on_response(resp)
+                if resp.status_code != 200:
+                    raise _status_error(resp, server, node)
+                body = resp.read()
         except httpx.TransportError as e:
             raise _transport_error(e, server) from e
-        if resp.status_code != 200:
-            raise _status_error(resp, server, node)
         try:
-            lst = _list_decoder.decode(resp.content)
+            lst = _list_decoder.decode(body)
         except msgspec.DecodeError as e:
             raise SourceError(f"API {server} sent an invalid PodList: {e}", "decode") from e
         pods.extend(lst.items or [])
@@ -751,17 +770,16 @@ class PodSpecs:
         self._rebuild()
 
     def _upsert_api(self, m: PodMeta) -> None:
-        if not m.uid:
-            return
         with self._write:
-            self._api = {**self._api, m.uid: m}
+            if not m.uid or self._api.get(m.uid) == m:
+                return  # most MODIFIED events are status changes: nothing we keep
+            self._api[m.uid] = m
             self._gone.pop(m.uid, None)
         self._rebuild()
 
     def _delete_api(self, m: PodMeta) -> None:
         with self._write:
-            old = self._api.get(m.uid, m)
-            self._api = {u: x for u, x in self._api.items() if u != m.uid}
+            old = self._api.pop(m.uid, m)
             # Its processes may still open files for a moment; keep the spec a while.
             self._gone[m.uid] = (time.monotonic() + self._tombstone_ttl, old)
         self._rebuild()
@@ -884,17 +902,28 @@ class PodSpecs:
                 attempt += 1
                 self._set_state(False, str(e), e.reason)
                 self._stop.wait(self._backoff(attempt))
+            except Exception as e:  # e.g. a vanished tokenFile, a failing exec plugin: never kill the thread
+                if self._stop.is_set():
+                    return
+                attempt += 1
+                log.debug("pod specs: unexpected error", exc_info=True)
+                self._set_state(False, f"{type(e).__name__}: {e}", "internal")
+                self._stop.wait(self._backoff(attempt))
             finally:
                 if client is not None:
                     client.close()
 
     def _relist(self, client: Any, rv: str | None) -> str:
         try:
-            pods, new_rv = list_pods(client, self.node_name, resource_version=rv)
-        except _Gone:
-            if rv is None:
-                raise SourceError("API answered 410 Gone to a fresh list", "http_4xx") from None
-            pods, new_rv = list_pods(client, self.node_name, resource_version=None)
+            try:
+                pods, new_rv = list_pods(client, self.node_name, resource_version=rv, on_response=self._track_socket)
+            except _Gone:
+                if rv is None:
+                    raise SourceError("API answered 410 Gone to a fresh list", "http_4xx") from None
+                pods, new_rv = list_pods(client, self.node_name, resource_version=None, on_response=self._track_socket)
+        finally:
+            with self._sock_lock:
+                self._sock = None
         self._replace_api([pod_meta(p) for p in pods])
         if self._m:
             self._m.relists.inc()
@@ -962,6 +991,8 @@ class PodSpecs:
         sock = stream.get_extra_info("socket") if stream is not None else None
         with self._sock_lock:
             self._sock = sock
+        if self._stop.is_set():
+            self._interrupt()  # stop() ran before the socket was known
 
     def _on_event(self, line: str, rv: str) -> str:
         try:

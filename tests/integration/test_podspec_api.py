@@ -362,3 +362,36 @@ def test_untrusted_server_certificate_is_refused(api, specs, pki, client_cert, t
     s.start()
     assert wait_until(lambda: len(states) >= 1)
     assert not s.up and "CERTIFICATE_VERIFY_FAILED" in states[0][1]
+
+
+def test_vanished_token_file_does_not_kill_the_thread(api, specs, pki, tmp_path):
+    srv = populated(api(tokens={"tok"})).start()
+    token_file = tmp_path / "token"
+    kc = write_kubeconfig(str(tmp_path / "kc"), srv.url, pki.ca, token_file=str(token_file))
+    states = []
+    s = specs(kubeconfig=kc, on_state=lambda up, text: states.append((up, text)))
+    s.start()
+    assert wait_until(lambda: len(states) >= 2)
+    assert not s.up and "not found" in states[0][1]
+    token_file.write_text("tok")
+    assert wait_until(lambda: s.up), s.last_error
+    assert s.get(WEB_UID) is not None
+
+
+@pytest.mark.parametrize(
+    "content, expect",
+    [
+        ("", "not a YAML mapping"),
+        ("clusters: []\ncontexts: []\n", "No current context"),
+        ("current-context: c\nclusters: []\ncontexts: [{name: c, context: {cluster: gone}}]\n", "KeyError"),
+        ("clusters: [{name: a, cluster: {server: 5}}]\ncontexts: []\n", "ValidationError"),
+    ],
+)
+def test_unusable_kubeconfig_is_named(tmp_path, monkeypatch, content, expect):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    kc = tmp_path / "bad.conf"
+    kc.write_text(content)
+    with pytest.raises(podspec.SourceError) as err:
+        podspec.api_config(kubeconfig=str(kc), in_cluster=None)
+    assert f"kubeconfig {kc} is unusable" in str(err.value) and expect in str(err.value)
+    assert err.value.reason == "no_credentials"
