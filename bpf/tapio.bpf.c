@@ -30,6 +30,11 @@ const volatile __u32 use_enter_stash = 0;
  * then polls with a short timeout). */
 __u32 wakeup_bytes = 0;
 
+/* Keep the record types in the object's BTF, so the user-space mirror
+ * can be checked against it (tests/unit/test_wire_btf.py). */
+struct tapio_access_ext *btf_anchor_access __attribute__((unused));
+struct tapio_syscall *btf_anchor_syscall __attribute__((unused));
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 256 * 1024);

@@ -135,7 +135,9 @@ class Daemon:
         self.kernel = Kernel(ring_buffer_size=kc.ring_buffer_size,
                              sampling_rate=kc.syscall_sampling_rate,
                              pod_correlation=kc.enable_pod_correlation,
-                             pin_path=kc.pin_path)
+                             pin_path=kc.pin_path,
+                             # Exercise the pre-5.15 fallback on a newer kernel.
+                             force_enter_stash=os.environ.get("TAPIO_FORCE_ENTER_STASH") == "1")
         log.info("attached %s (%s backend, paths from %s) in %.0f ms",
                  ", ".join(self.kernel.programs()), self.kernel.backend,
                  self.kernel.path_source, (time.monotonic() - t0) * 1000)

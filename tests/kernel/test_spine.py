@@ -178,3 +178,17 @@ def test_bad_config_exits_2_naming_the_key(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "kernel_collector.monitor_secretz" in r.stderr and "unknown key" in r.stderr
+
+
+def test_enter_stash_fallback_reports_the_same(sim_node, daemon_factory):
+    """Kernels without bpf_task_pt_regs stash the filename at syscall entry."""
+    pod = _web_pod(sim_node)
+    ctr = pod.add_container("app")
+    env = dict(os.environ, TAPIO_FORCE_ENTER_STASH="1")
+    d = daemon_factory(sim_node.write_config(), env=env)
+    assert any("paths from enter_stash" in line for line in d.stderr)
+    s = _read(ctr, "tls.key", count=5, chdir="/run/secrets/certs", syscall="openat2")
+    d.wait_events(5, pred=lambda e: e["process"]["pid"] == s["pid"])
+    d.settle()
+    got = _events_for(d, s["pid"])
+    assert [(e["file"], e["path"], e["syscall"]) for e in got] == [("tls.key", "tls.key", "openat2")] * 5
