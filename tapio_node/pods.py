@@ -379,6 +379,13 @@ class PodRegistry:
         mounts = [m for m in _cgroup2_mounts()
                   if self.cgroup_root == m or self.cgroup_root.startswith(m.rstrip("/") + "/")]
         self._cg_mount = max(mounts, key=len) if mounts else self.cgroup_root
+        # cgroup_root may itself be inside the tree (e.g. .../kubepods.slice):
+        # its children are named after it.
+        self._root_ref = _OTHER
+        if self._cg_mount != self.cgroup_root:
+            for name in self.cgroup_root[len(self._cg_mount):].split("/"):
+                if name:
+                    self._root_ref = classify(self._root_ref, name) or _OTHER
         self._ino: INotify | None = None
         self._wd_path: dict[int, str] = {}
         self._path_wd: dict[str, int] = {}
@@ -552,7 +559,7 @@ class PodRegistry:
                 self._cg_ok = True
                 self._stop_waiting(self.cgroup_root)
                 self._watch(self.cgroup_root)
-                self._dirs[self.cgroup_root] = _OTHER
+                self._dirs[self.cgroup_root] = self._root_ref
             else:
                 self._wait_for(self.cgroup_root)
         if not self._logs_ok:
@@ -668,13 +675,13 @@ class PodRegistry:
             else:
                 seen.add(self.cgroup_root)
                 self._watch(self.cgroup_root)
-                fixed += self._walk(self.cgroup_root, _OTHER, 0, seen)
+                fixed += self._walk(self.cgroup_root, self._root_ref, 0, seen)
         for path in [p for p in self._dirs if p not in seen]:
             if path in self._dirs:
                 fixed += 1
                 self._forget_tree(path)
         if self._cg_ok and self.cgroup_root not in self._dirs:
-            self._dirs[self.cgroup_root] = _OTHER
+            self._dirs[self.cgroup_root] = self._root_ref
         self._sa_ns = {k: v for k, v in self._sa_ns.items() if v is not None}
         fixed += self._sync_maps()
         return fixed
@@ -746,7 +753,7 @@ class PodRegistry:
         if not _is_real_dir(self.cgroup_root):
             return None
         self._cg_ok = True
-        self._dirs.setdefault(self.cgroup_root, _OTHER)
+        self._dirs.setdefault(self.cgroup_root, self._root_ref)
         self._watch(self.cgroup_root)
         path = self.cgroup_root
         for depth, name in enumerate(parts, 1):

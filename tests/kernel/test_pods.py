@@ -454,3 +454,20 @@ def test_auto_root_finds_a_kubepods_tree_below_the_mount(node):
         assert reg.add_container_pid(proc.pid) == ino(cdir)
     finally:
         reg.close()
+
+
+@pytest.mark.parametrize("top", ["kubepods.slice", "kubepods.slice/kubepods-besteffort.slice", "kubepods"])
+def test_cgroup_root_inside_the_kubepods_tree(node, top):
+    uid = str(uuid.uuid4())
+    cid = secrets.token_hex(32)
+    if top == "kubepods":
+        rel = f"{cgroupfs_pod(uid, 'guaranteed')}/{cid}"
+    else:
+        rel = f"{systemd_pod(uid, 'guaranteed' if top == 'kubepods.slice' else 'besteffort')}/docker-{cid}.scope"
+    cdir = node.mkdir(rel)
+    reg = registry(node, cgroup_root=os.path.join(node.root, top))
+    try:
+        reg.start()
+        assert reg.accessor(ino(cdir), 1, "x").container_id == cid
+    finally:
+        reg.close()
