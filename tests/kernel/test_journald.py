@@ -71,7 +71,7 @@ mount --bind "$T/log" /run/log/journal
 mount -t tmpfs -o mode=0755 tapio-test-etc /etc/systemd
 cp "$T/journald.conf" /etc/systemd/journald.conf
 # journald must not answer a NOTIFY_SOCKET meant for the daemon under test.
-env -u NOTIFY_SOCKET SYSTEMD_LOG_TARGET=console "$JOURNALD" 2>"$T/journald.stderr" &
+env -u NOTIFY_SOCKET -u WATCHDOG_USEC SYSTEMD_LOG_TARGET=console "$JOURNALD" 2>"$T/journald.stderr" &
 J=$!
 echo "$J" > "$T/journald.pid"
 i=0
@@ -276,14 +276,41 @@ echo "$rc" > "$T/daemon.rc"
 """
 
 
-def _recv_notify(sock) -> tuple[int, dict]:
-    """One sd_notify datagram and the sender's pid (SCM_CREDENTIALS)."""
-    msg, anc, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
-    pid = None
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-            pid = struct.unpack("iII", data[:12])[0]
-    return pid, dict(line.split("=", 1) for line in msg.decode().splitlines() if "=" in line)
+class NotifyListener:
+    """A NOTIFY_SOCKET like systemd's: records (sender pid, fields) of each datagram."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(self.path)
+        self.sock.settimeout(60)
+        self.got: list[tuple[int, dict]] = []
+
+    def wait_for(self, pred, timeout=60):
+        """Receive until a message matches pred(pid, fields); None on timeout."""
+        deadline = time.monotonic() + timeout
+        for pid, msg in self.got:
+            if pred(pid, msg):
+                return pid, msg
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+            except socket.timeout:
+                break
+            pid = None
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("iII", cdata[:12])[0]
+            msg = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            self.got.append((pid, msg))
+            if pred(pid, msg):
+                return pid, msg
+        return None
+
+    def close(self):
+        self.sock.close()
 
 
 def _ns_get(pid: int, url: str) -> str:
@@ -299,7 +326,8 @@ def _ns_get(pid: int, url: str) -> str:
 @pytest.mark.skipif(shutil.which("nsenter") is None or shutil.which("ip") is None,
                     reason="requires nsenter (util-linux) and ip (iproute2)")
 def test_daemon_journal_output_end_to_end(sim_node, tmp_path):
-    """Type=notify readiness, real opens, and `journalctl TAPIO_CONFIG_NAME=...`
+    """Type=notify (READY, WATCHDOG, STOPPING from the daemon pid), real opens, and
+    `journalctl TAPIO_CONFIG_NAME=...`
     answering who read the secret, with exact folded counts."""
     from harness import metric_value
     from tapio_node.simulate import VolumeSpec
@@ -311,22 +339,21 @@ def test_daemon_journal_output_end_to_end(sim_node, tmp_path):
     cfg = sim_node.write_config(journal_fold_window=3600.0)
     listen = re.search(r"listen_address: (\S+)", open(cfg).read()).group(1).strip("'\"")
 
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-    notify.bind(str(tmp_path / "notify.sock"))
-    notify.settimeout(60)
+    notify = NotifyListener(tmp_path / "notify.sock")
     t = new_journal_dir(tmp_path)
-    proc = start_namespace(t, DAEMON_PAYLOAD, env=dict(os.environ, CFG=cfg,
-                                                       NOTIFY_SOCKET=str(tmp_path / "notify.sock")))
+    # As systemd runs it with Type=notify and WatchdogSec=4.
+    proc = start_namespace(t, DAEMON_PAYLOAD, env=dict(os.environ, CFG=cfg, NOTIFY_SOCKET=notify.path,
+                                                       WATCHDOG_USEC="4000000"))
     daemon_pid = None
+    stopping = None
     try:
-        while True:   # STATUS= progress lines may come first
-            sender, msg = _recv_notify(notify)
-            if msg.get("READY") == "1":
-                break
+        ready = notify.wait_for(lambda pid, m: m.get("READY") == "1")
+        assert ready, f"no READY=1: {notify.got}"
         daemon_pid = int((t / "daemon.pid").read_text())
-        assert sender == daemon_pid
-        assert msg.get("STATUS")
+        assert ready[0] == daemon_pid
+        assert ready[1].get("STATUS")
+        # The main loop pings the watchdog (every 2s here).
+        assert notify.wait_for(lambda pid, m: pid == daemon_pid and m.get("WATCHDOG") == "1"), notify.got
 
         s_own = own.start_reader("/run/secrets/db-credentials/password", count=200).wait()
         s_snoop = snoop.start_reader("/mnt/stolen/password",
@@ -349,9 +376,11 @@ def test_daemon_journal_output_end_to_end(sim_node, tmp_path):
             daemon_pid = int((t / "daemon.pid").read_text())
         if daemon_pid is not None:
             os.kill(daemon_pid, signal.SIGTERM)   # the daemon we started, by pid
+            stopping = notify.wait_for(lambda pid, m: pid == daemon_pid and m.get("STOPPING") == "1")
         notify.close()
         finish_namespace(t, proc)
     assert (t / "daemon.rc").read_text().strip() == "0", (t / "daemon.err").read_text()
+    assert stopping, f"no STOPPING=1 after SIGTERM: {notify.got}"
 
     recs = read_journal(t, ["TAPIO_CONFIG_NAME=db-credentials"])
     by_reader = {}
