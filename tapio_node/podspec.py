@@ -458,8 +458,11 @@ def api_config(
     Order: the configured kubeconfig (default: the kubelet's own), then the
     in-cluster service account. Raises SourceError saying what was tried.
     """
-    from lightkube.config.kubeconfig import KubeConfig
-    from lightkube.core.exceptions import ConfigError
+    try:
+        from lightkube.config.kubeconfig import KubeConfig
+        from lightkube.core.exceptions import ConfigError
+    except ImportError as e:
+        raise SourceError(f"cannot use the Kubernetes API: the lightkube package is missing ({e})", "no_client") from e
 
     tried = []
     if in_cluster is not True:
@@ -667,16 +670,6 @@ class PodSpecs:
         self._sock: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._warned = False
-
-    @classmethod
-    def from_config(cls, kc: Any, **kw: Any) -> "PodSpecs":
-        """From a config.KernelCollector (kubeconfig, node_name, static_pods_path)."""
-        return cls(
-            static_pods_path=kc.static_pods_path,
-            kubeconfig=kc.kubeconfig or None,
-            node_name=kc.node_name or socket.gethostname(),
-            **kw,
-        )
 
     # ----------------------------------------------------------- public API
 
@@ -1018,6 +1011,16 @@ class PodSpecs:
         return rv
 
 
+def from_config(kc: Any, **kw: Any) -> PodSpecs:
+    """PodSpecs for a config.KernelCollector (kubeconfig, node_name, static_pods_path); not started."""
+    return PodSpecs(
+        static_pods_path=kc.static_pods_path,
+        kubeconfig=kc.kubeconfig or None,
+        node_name=kc.node_name or socket.gethostname(),
+        **kw,
+    )
+
+
 # --------------------------------------------------------------------- check
 
 
@@ -1086,3 +1089,13 @@ def check(
         if client is not None:
             client.close()
     return out
+
+
+def check_config(kc: Any, *, timeout: float = 5.0) -> list[CheckResult]:
+    """check() for a config.KernelCollector."""
+    return check(
+        static_pods_path=kc.static_pods_path,
+        kubeconfig=kc.kubeconfig or None,
+        node_name=kc.node_name or socket.gethostname(),
+        timeout=timeout,
+    )

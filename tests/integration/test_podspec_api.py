@@ -395,3 +395,23 @@ def test_unusable_kubeconfig_is_named(tmp_path, monkeypatch, content, expect):
         podspec.api_config(kubeconfig=str(kc), in_cluster=None)
     assert f"kubeconfig {kc} is unusable" in str(err.value) and expect in str(err.value)
     assert err.value.reason == "no_credentials"
+
+
+def test_from_config_with_the_daemons_config(api, pki, client_cert, tmp_path):
+    config = pytest.importorskip("tapio_node.config")
+    srv = populated(api()).start()
+    kc_path = write_kubeconfig(str(tmp_path / "kc"), srv.url, pki.ca, cert=client_cert)
+    cfg_file = tmp_path / "tapio.yaml"
+    cfg_file.write_text(
+        f"kernel_collector:\n  kubeconfig: {kc_path}\n  node_name: {NODE}\n  static_pods_path: {tmp_path / 'm'}\n"
+    )
+    kc = config.load_config(str(cfg_file)).kernel_collector
+    ok, text, _ = podspec.check_config(kc)[-1]
+    assert ok and "(2 now)" in text
+    s = podspec.from_config(kc, backoff_base=0.02, backoff_cap=0.2)
+    try:
+        s.start()
+        assert wait_until(lambda: s.up), s.last_error
+        assert s.get(WEB_UID) is not None
+    finally:
+        s.stop()
