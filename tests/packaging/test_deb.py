@@ -310,9 +310,14 @@ def check_daemon(root, deadline_s=120.0):
                 raise Failure(f"no secret_access event within {deadline_s:.0f} s; stderr:\n"
                               f"{stderr_path.read_text()}")
             # Read the key through its symlinks, as a container would, in the
-            # daemon's own mount namespace (where the tmpfs is).
-            run(["nsenter", "--mount", f"--target={daemon.pid}", "--",
-                 "chroot", str(root), "cat", f"{vol}/password"], env=CHROOT_ENV)
+            # daemon's own mount namespace (where the tmpfs is). It fails
+            # until the namespace and the tmpfs exist.
+            cat = run(["nsenter", "--mount", f"--target={daemon.pid}", "--",
+                       "chroot", str(root), "cat", f"{vol}/password"],
+                      env=CHROOT_ENV, check=False)
+            if cat.returncode != 0:
+                time.sleep(0.5)
+                continue
             try:
                 line = lines.get(timeout=1.0)
             except queue.Empty:
