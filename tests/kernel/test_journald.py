@@ -409,3 +409,33 @@ def test_daemon_journal_output_end_to_end(sim_node, tmp_path):
         pytest.xfail("the daemon gives JournalSink no last timestamp for a batch (stamps are kept for "
                      "--output stdout only, sinks.JournalSinkAdapter); fix there, then this passes")
     assert all(r["TAPIO_FIRST_SEEN"] < r["TAPIO_LAST_SEEN"] for r in multi)
+
+
+@pytest.mark.usefixtures("require_root_bpf")
+def test_daemon_without_journald_falls_back_to_stderr(sim_node):
+    """No journald socket on this host: the access log goes to stderr, with one notice."""
+    from harness import TapioProcess
+    from tapio_node.journal import JOURNAL_SOCKET
+    from tapio_node.simulate import VolumeSpec
+
+    if os.path.exists(JOURNAL_SOCKET):
+        pytest.skip(f"journald is running here ({JOURNAL_SOCKET} exists)")
+    pod = sim_node.add_pod("prod", "web-0", [VolumeSpec("secret", "certs", {"tls.key": b"k\n"})])
+    ctr = pod.add_container("nginx")
+    d = TapioProcess(sim_node.write_config(journal_fold_window=0), output="journal")
+    try:
+        d.wait_ready()
+        s = ctr.start_reader("/run/secrets/certs/tls.key", count=3).wait()
+        want = f"[{s['pid']}] (prod/web-0) read secret prod/certs key tls.key"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(want in line for line in d.stderr):
+            time.sleep(0.1)
+    finally:
+        rc, _ = d.stop()
+    assert rc == 0
+    err = "".join(d.stderr)
+    assert err.count("writing the access log to stderr") == 1, err
+    records = [line for line in d.stderr if want in line]
+    assert records and all(line.startswith("<6>") for line in records), err
+    assert sum(int(re.search(r", (\d+) times", r).group(1)) if " times " in r else 1 for r in records) == 3
+    assert d.lines == []   # stdout carries no events in journal mode
