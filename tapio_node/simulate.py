@@ -160,7 +160,8 @@ def _empty_and_remove_cgroup_tree(top: str) -> None:
     """Kill (by pid) whatever still runs under ``top``, then rmdir it bottom-up."""
     if not os.path.isdir(top):
         return
-    for attempt in range(200):
+    # Bounded waits: a killed task leaves cgroup.procs only once it has fully exited.
+    for attempt in range(1000):
         pids = [p for d, _, _ in os.walk(top) for p in _cgroup_pids(d)]
         if not pids:
             break
@@ -170,14 +171,14 @@ def _empty_and_remove_cgroup_tree(top: str) -> None:
         raise SimulationError(f"processes still in {top} after SIGKILL: {pids}")
     for d, _, _ in os.walk(top, topdown=False):
         # A just-killed task can linger as a zombie member for a moment (EBUSY).
-        for attempt in range(200):
+        for attempt in range(1000):
             try:
                 os.rmdir(d)
                 break
             except FileNotFoundError:
                 break
             except OSError as exc:
-                if attempt == 199:
+                if attempt == 999:
                     raise SimulationError(f"cannot remove cgroup {d}: {exc}") from exc
                 time.sleep(0.01)
 
@@ -600,6 +601,8 @@ class SimPod:
         self.tmpfs_mounts: list[str] = []
         self.removed = False
         self.last_kubelet_write: dict | None = None
+        self.static_name: str | None = None  # the manifest's metadata.name of a static pod
+        self.manifest_path: str | None = None
 
     def volume_dir(self, volume_name: str) -> str:
         vol = self.volumes.get(volume_name)
@@ -614,6 +617,35 @@ class SimPod:
             if n.startswith("kube-api-access-"):
                 return n
         return None
+
+    def manifest(self) -> dict:
+        """The Pod object (as the API or a static manifest has it) behind this pod's volumes."""
+        volumes = []
+        for v in self.volumes.values():
+            if v.kind == "configmap":
+                volumes.append({"name": v.name, "configMap": {"name": v.source_name}})
+            elif v.kind == "secret":
+                volumes.append({"name": v.name, "secret": {"secretName": v.source_name}})
+            elif v.name.startswith("kube-api-access-"):
+                # What the ServiceAccount admission plugin injects.
+                volumes.append({"name": v.name, "projected": {"defaultMode": 420, "sources": [
+                    {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                    {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                    {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {
+                        "apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+                ]}})
+            else:
+                volumes.append({"name": v.name, "projected": {"sources": [{"configMap": {"name": v.source_name}}]}})
+        name = self.static_name or self.name
+        meta = {"name": name, "namespace": self.namespace}
+        if not self.static_name:
+            meta["uid"] = self.uid
+        spec = {"nodeName": self.node.node_name, "containers": [
+            {"name": c, "image": "registry.k8s.io/pause:3.9"} for c in (self.containers or ["main"])],
+            "volumes": volumes}
+        if self.service_account_volume:
+            spec["serviceAccountName"] = "default"
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
 
     def _add_volume(self, vol: VolumeSpec) -> None:
         if vol.name in self.volumes:
@@ -664,7 +696,10 @@ class SimPod:
 class SimulatedNode:
     """A kubelet-faithful node in a temp dir. Use as a context manager, or call ``close()``."""
 
-    def __init__(self, base_dir: str | None = None, cgroup_parent: str | None = None, driver: str = "systemd"):
+    def __init__(self, base_dir: str | None = None, cgroup_parent: str | None = None, driver: str = "systemd",
+                 node_name: str = "sim-node"):
+        _check_dns_subdomain("node_name", node_name)
+        self.node_name = node_name
         if driver not in DRIVERS:
             raise ValueError(f"driver {driver!r} is not one of {', '.join(DRIVERS)}")
         if os.geteuid() != 0:
@@ -735,12 +770,20 @@ class SimulatedNode:
     # -- pods
 
     def add_pod(self, namespace: str, name: str, volumes: list[VolumeSpec], uid: str | None = None,
-                qos: str = "burstable", service_account: bool = True) -> SimPod:
+                qos: str = "burstable", service_account: bool = True, static: bool = False) -> SimPod:
         """Create a pod the way the kubelet does: pod cgroup, pod dir, volumes
-        (tmpfs for secret/projected), atomic-writer content, /var/log/pods dir."""
+        (tmpfs for secret/projected), atomic-writer content, /var/log/pods dir.
+
+        With ``static`` the pod comes from a manifest the node writes into
+        ``static_pods_path`` (``<name>.yaml``, ``metadata.name: name``), and, as
+        the kubelet does, the running pod is named ``<name>-<node_name>``."""
         self._check_open()
         _check_dns_label("namespace", namespace)
         _check_dns_subdomain("pod name", name)
+        static_name = None
+        if static:
+            static_name, name = name, f"{name}-{self.node_name}"
+            _check_dns_subdomain("static pod name", name)
         if qos not in QOS_CLASSES:
             raise ValueError(f"qos {qos!r} is not one of {', '.join(QOS_CLASSES)}")
         uid = str(uuid.uuid4()) if uid is None else uid
@@ -748,6 +791,7 @@ class SimulatedNode:
         if any(p.uid == uid for p in self.pods):
             raise ValueError(f"pod uid {uid!r} already exists on this node")
         pod = SimPod(self, namespace, name, uid, qos)
+        pod.static_name = static_name
         self.pods.append(pod)
         try:
             os.makedirs(pod.cgroup_dir)
@@ -766,6 +810,8 @@ class SimulatedNode:
             for vol in vols:
                 pod._add_volume(VolumeSpec(vol.kind, vol.name, dict(vol.files), vol.source_name))
             os.makedirs(pod.log_dir, mode=0o755)
+            if static:
+                pod.manifest_path = self.write_manifest(pod)
         except BaseException:
             self.remove_pod(pod)
             raise
@@ -794,6 +840,8 @@ class SimulatedNode:
         else:
             for d in (pod.pod_dir, pod.log_dir):
                 shutil.rmtree(d, ignore_errors=True)
+        if pod.manifest_path and os.path.exists(pod.manifest_path):
+            os.remove(pod.manifest_path)
         try:
             _empty_and_remove_cgroup_tree(pod.cgroup_dir)
         except SimulationError as exc:
@@ -802,6 +850,19 @@ class SimulatedNode:
             self.pods.remove(pod)
         if errors:
             raise SimulationError(f"teardown of pod {pod.namespace}/{pod.name}: " + "; ".join(errors))
+
+    def write_manifest(self, pod: SimPod, directory: str | None = None) -> str:
+        """Write ``pod.manifest()`` as YAML into ``directory`` (default: the static pods
+        dir), named after the pod, via a temp file and rename; returns the path."""
+        import yaml
+
+        directory = self.static_pods_path if directory is None else directory
+        path = os.path.join(directory, f"{pod.static_name or pod.name}.yaml")
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
+        with open(tmp, "w") as f:
+            yaml.safe_dump(pod.manifest(), f, sort_keys=False)
+        os.rename(tmp, path)
+        return path
 
     # -- host processes
 
@@ -838,6 +899,7 @@ class SimulatedNode:
             "pod_logs_path": self.logs_path,
             "cgroup_root": self.cgroup_root,
             "static_pods_path": self.static_pods_path,
+            "node_name": self.node_name,
             "pin_path": self.pin_path,
             "listen_address": f"127.0.0.1:{_free_port()}",
         }
@@ -970,12 +1032,14 @@ def _raise_stop(signum, frame):
 
 def build_demo_node(node: SimulatedNode) -> dict[str, SimPod]:
     """Three pods in two namespaces, with ConfigMap, Secret and service-account volumes."""
-    web = node.add_pod("shop", "web-5d8f7c9b6-x2kqp", [
+    # A static pod: its manifest in static_pods_path tells the collector that volume
+    # "certs" is Secret "web-tls" (no API server here to ask for the other pods' specs).
+    web = node.add_pod("shop", "web", [
         VolumeSpec("configmap", "app-config", {"app.yaml": b"replicas: 3\nlog_level: info\n",
                                                "conf.d/extra.yaml": b"feature_x: true\n"}),
         VolumeSpec("secret", "certs", {"tls.crt": b"-----BEGIN CERTIFICATE-----\n...\n",
                                        "tls.key": b"-----BEGIN PRIVATE KEY-----\n...\n"}, source_name="web-tls"),
-    ])
+    ], static=True, service_account=False)
     db = node.add_pod("shop", "db-0", [
         VolumeSpec("secret", "db-credentials", {"username": b"app\n", "password": b"s3cr3t\n"}),
     ], qos="guaranteed")

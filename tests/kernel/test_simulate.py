@@ -325,7 +325,7 @@ def test_close_removes_everything_even_with_running_processes(sim_node_factory):
         for c in p.containers.values():
             cgroup_pids += [int(x) for x in open(os.path.join(c.cgroup_dir, "cgroup.procs")).read().split()]
     assert len(cgroup_pids) >= 5  # readers plus both sleeps
-    assert len(mounts_under(node.base_dir)) == 5  # 2 secret + 3 service-account tmpfs
+    assert len(mounts_under(node.base_dir)) == 4  # 2 secret + 2 service-account tmpfs (web is static)
     base, cg = node.base_dir, node.cgroup_root
 
     node.close()
@@ -347,6 +347,31 @@ def test_given_base_dir_keeps_what_it_did_not_create(sim_node_factory, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["mine"]
 
 
+def test_pod_manifest_names_the_objects_behind_the_volumes(sim_node):
+    import yaml
+
+    pod = sim_node.add_pod("shop", "web-0", _web_volumes())
+    m = pod.manifest()
+    assert (m["kind"], m["metadata"]["name"], m["metadata"]["uid"]) == ("Pod", "web-0", pod.uid)
+    vols = {v["name"]: v for v in m["spec"]["volumes"]}
+    assert vols["certs"]["secret"] == {"secretName": "web-tls"}
+    assert vols["app-config"]["configMap"] == {"name": "app-config"}
+    sa = vols[pod.service_account_volume]["projected"]["sources"]
+    assert sa[0]["serviceAccountToken"]["path"] == "token"
+    assert pod.manifest_path is None and os.listdir(sim_node.static_pods_path) == []
+
+    st = sim_node.add_pod("kube-system", "etcd", [VolumeSpec("secret", "certs", {"k": b"v"}, source_name="etcd-pki")],
+                          static=True, service_account=False)
+    assert st.name == "etcd-sim-node" and st.static_name == "etcd"
+    assert st.manifest_path == os.path.join(sim_node.static_pods_path, "etcd.yaml")
+    doc = yaml.safe_load(open(st.manifest_path))
+    assert doc["metadata"] == {"name": "etcd", "namespace": "kube-system"}
+    assert doc["spec"]["volumes"] == [{"name": "certs", "secret": {"secretName": "etcd-pki"}}]
+    assert os.path.isdir(os.path.join(sim_node.logs_path, f"kube-system_etcd-sim-node_{st.uid}"))
+    sim_node.remove_pod(st)
+    assert os.listdir(sim_node.static_pods_path) == []
+
+
 def test_config_yaml_points_at_the_node(sim_node):
     import yaml
 
@@ -357,6 +382,8 @@ def test_config_yaml_points_at_the_node(sim_node):
     assert cfg["pin_path"].startswith("/sys/fs/bpf/tapio-sim-")
     assert re.fullmatch(r"127\.0\.0\.1:\d+", cfg["listen_address"])
     assert cfg["syscall_sampling_rate"] == 0
+    assert cfg["node_name"] == "sim-node"
+    assert cfg["static_pods_path"] == sim_node.static_pods_path
 
 
 def test_run_demo_builds_streams_and_tears_down(require_root_cgroup2):
@@ -407,7 +434,7 @@ def test_run_demo_cleans_up_on_sigterm(require_root_cgroup2, repo_root):
         base = re.search(r"simulated node in (\S+),", text).group(1)
         cg = re.search(r"cgroups in (\S+)\n", text).group(1)
         reader_pids = [int(x) for d, _, _ in os.walk(cg) for x in open(os.path.join(d, "cgroup.procs")).read().split()]
-        assert os.path.isdir(base) and len(mounts_under(base)) == 5
+        assert os.path.isdir(base) and len(mounts_under(base)) == 4
         assert len(reader_pids) == 4  # the demo's readers are in their cgroups once it says so
         p.terminate()
         rest, _ = p.communicate(timeout=60)
