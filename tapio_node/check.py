@@ -224,13 +224,15 @@ def check_caps() -> list[Check]:
         if not missing else f"missing {', '.join(missing)} (CapEff {eff:#x})",
         fix="run as root, or AmbientCapabilities=CAP_BPF CAP_PERFMON in the unit (kernel >= 5.8)",
     )]
-    soft = [(CAP_DAC_READ_SEARCH, "CAP_DAC_READ_SEARCH", "reading kubelet pod dirs and /proc of other users"),
-            (CAP_SYS_RESOURCE, "CAP_SYS_RESOURCE", "raising RLIMIT_MEMLOCK on kernels before 5.11"),
-            (CAP_SYS_ADMIN, "CAP_SYS_ADMIN", "pinning maps and reading other processes' cgroups")]
+    # The systemd unit grants exactly CAP_BPF CAP_PERFMON CAP_SYS_RESOURCE
+    # CAP_DAC_READ_SEARCH; CAP_SYS_ADMIN only stands in for the first two on
+    # kernels before 5.8.
+    soft = [(CAP_DAC_READ_SEARCH, "CAP_DAC_READ_SEARCH", "reading volume files not owned by root (fsGroup, defaultMode)"),
+            (CAP_SYS_RESOURCE, "CAP_SYS_RESOURCE", "raising RLIMIT_MEMLOCK on kernels before 5.11")]
     lacking = [(n, why) for cap, n, why in soft if not has(cap)]
     checks.append(Check(
         name="capabilities (other)", ok=not lacking, fatal=False,
-        detail="CAP_DAC_READ_SEARCH, CAP_SYS_RESOURCE, CAP_SYS_ADMIN effective" if not lacking
+        detail="CAP_DAC_READ_SEARCH and CAP_SYS_RESOURCE effective" if not lacking
         else "missing " + "; ".join(f"{n} ({why})" for n, why in lacking),
         fix="run as root or add them to the unit's AmbientCapabilities=",
     ))
