@@ -395,6 +395,23 @@ def check_bpf_object() -> Check:
                  fix="reinstall tapio-node (or `make build` in a checkout)")
 
 
+def check_podspecs(cfg) -> list[Check]:
+    """Pod-spec sources (static manifests, the API): optional, so never fatal."""
+    try:
+        from . import podspec
+        results = podspec.check_config(cfg)
+    except Exception as e:  # an optional source must not break `check`
+        return [Check(name="pod specs", ok=False, fatal=False, detail=f"cannot check: {e}",
+                      fix="events will name volumes, not ConfigMaps/Secrets")]
+    out = []
+    for ok, text, fix in results:
+        name, sep, detail = text.partition(": ")
+        if not sep:
+            name, detail = "pod specs", text
+        out.append(Check(name=name, ok=ok, fatal=False, detail=detail, fix=fix))
+    return out
+
+
 def run_checks(cfg, *, only_fatal: bool = False) -> list[Check]:
     """All probes for the KernelCollector config `cfg`, in the order they print.
 
@@ -419,6 +436,7 @@ def run_checks(cfg, *, only_fatal: bool = False) -> list[Check]:
             check_dir("pod logs dir", "pod_logs_path", cfg.pod_logs_path,
                       "namespace and pod names come from pod specs only"),
             check_journald(),
+            *check_podspecs(cfg),
         ]
     checks.append(check_listen(cfg.listen_address))
     return checks
