@@ -29,6 +29,18 @@ because we need what lightkube's ``watch()`` does not give: a *relist* after
 backoff, a fresh client (re-read certificates) after each failure, and a
 :meth:`PodSpecs.stop` that interrupts a blocked read. Objects are decoded with
 msgspec into the few fields we use; unknown fields are ignored.
+
+Configuring each source (``kernel_collector:`` keys):
+
+* static pods: ``static_pods_path`` (default ``/etc/kubernetes/manifests``).
+* node kubeconfig: ``kubeconfig`` (default ``/etc/kubernetes/kubelet.conf``, used
+  when readable; its client certificate, usually
+  ``/var/lib/kubelet/pki/kubelet-client-current.pem``, must be readable too).
+  ``node_name`` must be the node's name in the cluster (default: ``$NODE_NAME``,
+  else the host name).
+* in-cluster: run as a DaemonSet with ``env: NODE_NAME`` from ``spec.nodeName``
+  and a service account bound to a ClusterRole allowing ``get, list, watch`` on
+  ``pods``; used when no kubeconfig is readable.
 """
 
 from __future__ import annotations
@@ -721,13 +733,8 @@ class PodSpecs:
                 self._changed.wait(left)
 
     def pods(self) -> list[PodMeta]:
-        snap = self._snap
-        seen, out = set(), []
-        for m in snap.by_name.values():
-            if id(m) not in seen:
-                seen.add(id(m))
-                out.append(m)
-        return out
+        """Every known pod spec (a copy)."""
+        return list(self._snap.by_name.values())
 
     # --------------------------------------------------------- index upkeep
 
@@ -1011,12 +1018,17 @@ class PodSpecs:
         return rv
 
 
+def node_name_of(kc: Any) -> str:
+    """The configured node name, else $NODE_NAME (a DaemonSet's downward-API env), else the host name."""
+    return kc.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
+
+
 def from_config(kc: Any, **kw: Any) -> PodSpecs:
     """PodSpecs for a config.KernelCollector (kubeconfig, node_name, static_pods_path); not started."""
     return PodSpecs(
         static_pods_path=kc.static_pods_path,
         kubeconfig=kc.kubeconfig or None,
-        node_name=kc.node_name or socket.gethostname(),
+        node_name=node_name_of(kc),
         **kw,
     )
 
@@ -1096,6 +1108,6 @@ def check_config(kc: Any, *, timeout: float = 5.0) -> list[CheckResult]:
     return check(
         static_pods_path=kc.static_pods_path,
         kubeconfig=kc.kubeconfig or None,
-        node_name=kc.node_name or socket.gethostname(),
+        node_name=node_name_of(kc),
         timeout=timeout,
     )

@@ -185,7 +185,10 @@ class KubeAPIServer:
 
     def bookmark(self) -> None:
         with self._lock:
-            self._append("BOOKMARK", {"kind": "Pod", "apiVersion": "v1", "metadata": {"resourceVersion": str(self._rv)}})
+            # The shape the API server sends: an empty Pod carrying only the resourceVersion.
+            self._append("BOOKMARK", {"kind": "Pod", "apiVersion": "v1",
+                                      "metadata": {"resourceVersion": str(self._rv), "creationTimestamp": None},
+                                      "spec": {"containers": None}, "status": {}})  # fmt: skip
 
     def drop_watches(self) -> None:
         """Cut every open watch connection mid-stream (no terminating chunk)."""
