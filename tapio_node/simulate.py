@@ -46,6 +46,7 @@ PLUGINS = {
     "configmap": "kubernetes.io~configmap",
     "secret": "kubernetes.io~secret",
     "projected": "kubernetes.io~projected",
+    "downward-api": "kubernetes.io~downward-api",  # not watched by tapio-node: for negative tests
 }
 QOS_CLASSES = ("guaranteed", "burstable", "besteffort")
 DRIVERS = ("systemd", "cgroupfs")
@@ -344,7 +345,7 @@ def nearest_dir(p):
 targets = [(os.path.realpath(t), t, src) for t, src in spec["mounts"]]
 # A fresh /run (as in a container) so mount points are never created on the host.
 tmpfs("/run", 0o755)
-if any(not os.path.isdir(r) and nearest_dir(r) == "/" for r, _, _ in targets):
+if any(not os.path.exists(r) and nearest_dir(os.path.dirname(r)) == "/" for r, _, _ in targets):
     # A new top-level dir: "/" cannot be over-mounted in place, so build a copy of
     # the root on a tmpfs (entries bind-mounted) and chroot into it.
     root = "/run/.sim-root"
@@ -366,12 +367,23 @@ def mirror(d):
     tmpfs(d, os.stat(stage).st_mode & 0o7777)
     populate(stage, d)
 for real, target, source in targets:
-    if not os.path.isdir(real):
-        anc = nearest_dir(real)
-        if os.stat(anc).st_dev not in ours:
-            mirror(anc)
-        os.makedirs(real)
-    mount(source, real, None, MS_BIND | MS_REC)
+    if os.path.isfile(source):
+        # A single file (subPath): a file mount point in a dir we may write to.
+        parent = os.path.dirname(real)
+        if not os.path.isfile(real):
+            anc = nearest_dir(parent)
+            if os.stat(anc).st_dev not in ours:
+                mirror(anc)
+            os.makedirs(parent, exist_ok=True)
+            os.close(os.open(real, os.O_CREAT | os.O_WRONLY, 0o644))
+        mount(source, real, None, MS_BIND)
+    else:
+        if not os.path.isdir(real):
+            anc = nearest_dir(real)
+            if os.stat(anc).st_dev not in ours:
+                mirror(anc)
+            os.makedirs(real)
+        mount(source, real, None, MS_BIND | MS_REC)
     # The kubelet mounts ConfigMap/Secret/projected volumes read-only.
     mount(None, real, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
 if spec.get("cwd"):
@@ -479,7 +491,7 @@ def _child_env(env: dict[str, str] | None) -> dict[str, str]:
 
 @dataclass
 class VolumeSpec:
-    """A pod-spec volume: ``kind`` "configmap" | "secret" | "projected"; ``name`` the
+    """A pod-spec volume: ``kind`` "configmap" | "secret" | "projected" | "downward-api"; ``name`` the
     pod-spec volume name; ``files`` key -> content (keys may be nested, "a/b.txt");
     ``source_name`` the ConfigMap/Secret object name (defaults to ``name``)."""
     kind: str
@@ -529,14 +541,18 @@ class SimContainer:
                 out[f"/run/config/{vol.name}"] = self.pod.volume_dir(vol.name)
             elif vol.kind == "secret":
                 out[f"/run/secrets/{vol.name}"] = self.pod.volume_dir(vol.name)
-            else:
+            elif vol.kind == "projected":
                 out[f"/run/projected/{vol.name}"] = self.pod.volume_dir(vol.name)
+            else:
+                out[f"/run/podinfo/{vol.name}"] = self.pod.volume_dir(vol.name)
         return out
 
     def run(self, argv: list[str], mounts: dict[str, str] | None = None, cwd: str | None = None,
             **popen_kwargs) -> subprocess.Popen:
         """Start ``argv`` in this container: private mount namespace, volumes bind-mounted
-        (read-only) at their in-container paths (``mounts``; None -> ``default_mounts()``),
+        (read-only) at their in-container paths (``mounts``: in-container path -> host dir,
+        or host file for a subPath mount, which pins the file's inode as the kubelet's
+        does; None -> ``default_mounts()``),
         moved into this container's cgroup before exec, then chdir to ``cwd``.
         Extra keyword arguments go to ``subprocess.Popen`` (stdout, pass_fds, env...)."""
         if not argv:
@@ -548,8 +564,8 @@ class SimContainer:
         for t in targets:
             if not os.path.isabs(t) or os.path.normpath(t) != t or t == "/":
                 raise ValueError(f"in-container path {t!r} must be absolute and normalised, not '/'")
-            if not os.path.isdir(mounts[t]):
-                raise ValueError(f"mount source {mounts[t]!r} for {t!r} is not a directory")
+            if not (os.path.isdir(mounts[t]) or os.path.isfile(mounts[t])):
+                raise ValueError(f"mount source {mounts[t]!r} for {t!r} is neither a directory nor a file")
             for other in targets:
                 if other != t and t.startswith(other + "/"):
                     raise ValueError(f"in-container path {t!r} is inside another mount {other!r}")
@@ -634,8 +650,11 @@ class SimPod:
                     {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {
                         "apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
                 ]}})
-            else:
+            elif v.kind == "projected":
                 volumes.append({"name": v.name, "projected": {"sources": [{"configMap": {"name": v.source_name}}]}})
+            else:
+                volumes.append({"name": v.name, "downwardAPI": {"items": [
+                    {"path": k, "fieldRef": {"fieldPath": "metadata.labels"}} for k in sorted(v.files)]}})
         name = self.static_name or self.name
         meta = {"name": name, "namespace": self.namespace}
         if not self.static_name:

@@ -263,6 +263,33 @@ def test_mount_at_a_new_top_level_dir_and_two_under_etc(sim_node):
     assert not os.path.exists(top) and not os.path.exists(os.path.dirname(etc1))
 
 
+def test_subpath_file_mount_keeps_the_old_inode_after_an_update(sim_node):
+    pod = sim_node.add_pod("shop", "web-0", _web_volumes())
+    c = pod.add_container("web")
+    key = os.path.join(pod.volume_dir("app-config"), "app.yaml")
+    old_ino = os.stat(key).st_ino
+    mounts = {"/etc/app.yaml": key, "/run/config/app-config": pod.volume_dir("app-config")}
+    p = c.run(["sh", "-c", "echo mounted; read _; cat /etc/app.yaml /run/config/app-config/app.yaml; "
+               "stat -c %i /etc/app.yaml"], mounts=mounts, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"mounted\n"  # the subPath is bound before the update
+        assert pod.update_volume("app-config", {"app.yaml": b"a: 2\n", "conf.d/extra.yaml": b"b: 2\n"})
+    finally:
+        out, _ = p.communicate(b"go\n", timeout=60)
+        out = out or b""
+    # The subPath file is the pre-update inode; the directory mount sees the new content.
+    assert out.decode().split("\n") == ["a: 1", "a: 2", str(old_ino), ""]
+    assert not os.path.exists("/etc/app.yaml") or os.stat("/etc/app.yaml").st_ino != old_ino
+
+
+def test_downward_api_volume_is_a_plain_dir(sim_node):
+    pod = sim_node.add_pod("shop", "web-0", [VolumeSpec("downward-api", "podinfo", {"labels": b"app=web\n"})],
+                           service_account=False)
+    d = pod.volume_dir("podinfo")
+    assert d.endswith("/volumes/kubernetes.io~downward-api/podinfo")
+    assert _mount_fstype(d) is None and os.readlink(os.path.join(d, "labels")) == "..data/labels"
+
+
 def test_bad_input_is_named(sim_node):
     with pytest.raises(ValueError, match="kind 'dowwnward'"):
         VolumeSpec("dowwnward", "x", {})
