@@ -568,11 +568,19 @@ def list_pods(
     else:
         params["limit"] = limit
     pods: list[_Pod] = []
+    restarts = 0
     while True:
         try:
             with client.stream("GET", PODS_PATH, params=params) as resp:
                 if on_response is not None:
                     on_response(resp)
+                if resp.status_code == 410 and "continue" in params:
+                    # The continue token expired between pages: start the list over.
+                    restarts += 1
+                    if restarts > 3:
+                        raise SourceError(f"API {server}: list continue token expired (410) {restarts} times", "http_4xx")
+                    params, pods = {"fieldSelector": _node_selector(node), "limit": limit}, []
+                    continue
                 if resp.status_code != 200:
                     raise _status_error(resp, server, node)
                 body = resp.read()

@@ -86,6 +86,7 @@ class KubeAPIServer:
         self._log: list[tuple[int, int, str, dict]] = []  # (seq, rv, type, object)
         self._seq = 0
         self._expire_running = False
+        self.expire_continue = False  # continue tokens answer 410 (expired between pages)
         self._watch_socks: set[socket.socket] = set()
         self._closing = False
         self._port = port
@@ -271,11 +272,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             msg = f'pods is forbidden: User "{user}" cannot list resource "pods" in API group "" at the cluster scope'
             return self._json(403, status(403, "Forbidden", msg))
         if not watch:
-            with api._lock:
-                body = {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": str(api._rv)},
-                        "items": copy.deepcopy(api._items(node))}  # fmt: skip
-            return self._json(200, body)
+            return self._list(node, params)
         self._watch(node, int(params.get("resourceVersion") or 0), params.get("allowWatchBookmarks") == "true")
+
+    def _list(self, node: str | None, params: dict) -> None:
+        api = self.api
+        with api._lock:
+            items = sorted(api._items(node), key=lambda p: (p["metadata"]["namespace"], p["metadata"]["name"]))
+            rv = str(api._rv)
+            expired = api.expire_continue
+        offset = 0
+        if "continue" in params:
+            if expired:
+                msg = "The provided continue parameter is too old to display a consistent list result."
+                return self._json(410, status(410, "Expired", msg))
+            offset = int(params["continue"])
+        limit = int(params.get("limit") or 0)
+        meta: dict = {"resourceVersion": rv}
+        page = items[offset:]
+        if limit and "resourceVersion" not in params and len(page) > limit:
+            page = page[:limit]
+            meta["continue"] = str(offset + limit)
+        body = {"kind": "PodList", "apiVersion": "v1", "metadata": meta, "items": copy.deepcopy(page)}
+        return self._json(200, body)
 
     def _chunk(self, obj: dict) -> None:
         data = json.dumps(obj).encode() + b"\n"

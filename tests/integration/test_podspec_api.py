@@ -415,3 +415,23 @@ def test_from_config_with_the_daemons_config(api, pki, client_cert, tmp_path):
         assert s.get(WEB_UID) is not None
     finally:
         s.stop()
+
+
+def test_paged_list_and_expired_continue_token(api, pki, client_cert, tmp_path):
+    srv = populated(api()).start()
+    for i in range(5):
+        srv.put_pod(new_pod(f"p{i}", f"77777777-0000-0000-0000-00000000000{i}"))
+    kc = write_kubeconfig(str(tmp_path / "kc"), srv.url, pki.ca, cert=client_cert)
+    cfg, _ = podspec.api_config(kubeconfig=kc, in_cluster=False)
+    client = podspec.api_client(cfg)
+    try:
+        pods, rv = podspec.list_pods(client, NODE, resource_version=None, limit=2)
+        assert len(pods) == 7 and rv
+        assert [r["params"].get("continue") for r in srv.requests] == [None, "2", "4", "6"]
+        # A continue token that expired between pages: the list starts over, then fails clearly.
+        srv.expire_continue = True
+        with pytest.raises(podspec.SourceError, match="410"):
+            podspec.list_pods(client, NODE, resource_version=None, limit=2)
+        assert [r["params"].get("continue") for r in srv.requests[4:]] == [None, "2"] * 4
+    finally:
+        client.close()
