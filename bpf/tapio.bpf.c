@@ -29,6 +29,9 @@ const volatile __u32 use_enter_stash = 0;
  * wakes it only once N bytes are pending (batching under load; the reader
  * then polls with a short timeout). */
 __u32 wakeup_bytes = 0;
+/* Which overflow_counts generation the kernel writes; user space flips it
+ * and drains the other one. */
+__u32 overflow_gen = 0;
 
 /* Keep the record types in the object's BTF, so the user-space mirror
  * can be checked against it (tests/unit/test_wire_btf.py). */
@@ -82,6 +85,13 @@ struct {
 	__type(value, __u64);
 } stats SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct tapio_overflow_key);
+	__type(value, __u64);
+} overflow_counts SEC(".maps");
+
 /* Fallback only (use_enter_stash): thread -> filename pointer. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -96,6 +106,33 @@ static __always_inline void count(__u32 idx)
 
 	if (v)
 		*v += 1;
+}
+
+/* The ring buffer is full: keep the access as a count. */
+static __always_inline void count_overflow(__u64 id, struct tapio_watch *watch, __u32 op)
+{
+	struct tapio_overflow_key ok = {
+		.cgroup_id = bpf_get_current_cgroup_id(),
+		.pid = id >> 32,
+		.volume_id = watch->volume_id,
+		.file_id = watch->file_id,
+		.op = op,
+		.gen = overflow_gen & 1,
+	};
+	__u64 one = 1, *n;
+
+	count(TAPIO_STAT_DROPS);
+	n = bpf_map_lookup_elem(&overflow_counts, &ok);
+	if (!n) {
+		if (!bpf_map_update_elem(&overflow_counts, &ok, &one, BPF_NOEXIST))
+			return;
+		n = bpf_map_lookup_elem(&overflow_counts, &ok);
+		if (!n) {
+			count(TAPIO_STAT_LOST);
+			return;
+		}
+	}
+	__sync_fetch_and_add(n, 1);
 }
 
 static __always_inline __u64 rb_flags(void)
@@ -241,7 +278,7 @@ static __always_inline int on_open_exit(long ret, __u32 op, int path_arg)
 		rec = bpf_ringbuf_reserve(&events, sizeof(*rec), 0);
 	}
 	if (!rec) {
-		count(TAPIO_STAT_DROPS);
+		count_overflow(id, &watch, op);
 		return 0;
 	}
 

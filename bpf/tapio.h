@@ -40,7 +40,8 @@
 #define TAPIO_STAT_HITS 1       /* watched opens seen */
 #define TAPIO_STAT_FD_RACE 2    /* fd gone before it could be read */
 #define TAPIO_STAT_SYSCALL_DROPS 3
-#define TAPIO_STAT_MAX 4
+#define TAPIO_STAT_LOST 4       /* not even counted: overflow map full */
+#define TAPIO_STAT_MAX 5
 
 struct tapio_inode_key {
 	__u32 dev;      /* kernel s_dev: major << 20 | minor */
@@ -56,6 +57,18 @@ struct tapio_watch {
 struct tapio_dev {
 	__u32 flags;
 	__u32 volume_id;
+};
+
+/* When the ring buffer is full an access is still counted, without its
+ * path and timestamp, under this key; user space drains the generation
+ * that is not being written (see overflow_gen). */
+struct tapio_overflow_key {
+	__u64 cgroup_id;
+	__u32 pid;
+	__u32 volume_id;
+	__u32 file_id;
+	__u16 op;
+	__u16 gen;
 };
 
 struct tapio_pod_info {

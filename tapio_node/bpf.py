@@ -101,7 +101,7 @@ class Kernel:
                     self.obj.attach(name)
             self.maps = {name: self.obj.map(name) for name in (
                 "watched_inodes", "watched_devs", "watched_dirs", "pod_info_map",
-                "container_pids", "stats")}
+                "container_pids", "stats", "overflow_counts")}
             if pin_path:
                 self._pin(pin_path)
         except BaseException:
@@ -153,7 +153,26 @@ class Kernel:
     def stats(self) -> dict[str, int]:
         v = self.maps["stats"].percpu_sums(wire.STAT_MAX)
         return {"drops": v[wire.STAT_DROPS], "hits": v[wire.STAT_HITS],
-                "fd_races": v[wire.STAT_FD_RACE], "syscall_drops": v[wire.STAT_SYSCALL_DROPS]}
+                "fd_races": v[wire.STAT_FD_RACE], "syscall_drops": v[wire.STAT_SYSCALL_DROPS],
+                "lost": v[wire.STAT_LOST]}
+
+    def drain_overflow(self, everything: bool = False) -> list[tuple[int, int, int, int, int, int]]:
+        """Counts of accesses the full ring buffer could not take, as
+        (cgroup_id, pid, volume_id, file_id, op, count). Drains the
+        generation the kernel stopped writing a tick ago, then flips."""
+        m = self.maps["overflow_counts"]
+        active = self.obj.get_u32(".bss", "overflow_gen") & 1
+        out = []
+        for key in m.keys():
+            cgid, pid, vol, fid, op, gen = wire.OVERFLOW_KEY.unpack(key)
+            if gen == active and not everything:
+                continue
+            raw = m.lookup(key)
+            m.delete(key)
+            if raw is not None:
+                out.append((cgid, pid, vol, fid, op, wire.U64.unpack(raw)[0]))
+        self.obj.set_u32(".bss", "overflow_gen", active ^ 1)
+        return out
 
     def close(self) -> None:
         obj = getattr(self, "obj", None)

@@ -31,6 +31,14 @@ RESTART_KEYS = ("ring_buffer_size", "pin_path", "listen_address", "syscall_sampl
                 "pod_logs_path", "kubeconfig", "node_name", "static_pods_path", "buffer_size")
 
 
+def _comm_of(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
 def plugins_for(kc: KernelCollector) -> dict[str, str]:
     out = {}
     if kc.monitor_configmaps:
@@ -130,6 +138,12 @@ class Daemon:
         reason = explain_unavailable()
         if reason:
             raise KernelUnavailable(reason)
+        from tapio_node import check
+
+        failed = check.preflight(kc)
+        if failed:
+            raise KernelUnavailable("\n  ".join(["this node cannot run the collector:"]
+                                                 + [check.format_check(c) for c in failed]))
         self.notifier.status("loading BPF programs")
         t0 = time.monotonic()
         self.kernel = Kernel(ring_buffer_size=kc.ring_buffer_size,
@@ -313,6 +327,7 @@ class Daemon:
         if busy != self._busy:
             self._busy = busy
             self.kernel.set_wakeup_bytes(self.kc.ring_buffer_size // 8 if busy else 0)
+        self._drain_overflow()
         self.sink.tick(now)
         self.volumes.prune_graveyard()
         self._set_status()
@@ -339,62 +354,82 @@ class Daemon:
 
     # -- events ------------------------------------------------------------
     def _process(self, groups) -> None:
-        t0 = time.perf_counter()
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        volumes = self.volumes
-        pods = self.pods
-        specs = self.podspecs
-        metrics = self.metrics
-        rfc = self.clock.rfc3339
         total = 0
         for g in groups:
             if g[0] != wire.REC_ACCESS:
                 total += self._syscall_group(g)
                 continue
             (_, pid, tid, cgid, comm, _dev, _gen, _ino, vol_id, file_id, flags, op,
-             path, dnames, count, first, _last, stamps) = g
+             path, dnames, count, first, last, stamps) = g
             total += count
-            resolved = volumes.resolve(vol_id, file_id, dnames)
-            if resolved is None:
-                self.unresolved += count
-                continue
-            vol, key = resolved
-            event_type = ev.KIND_EVENT_TYPE[vol.kind]
-            namespace, pod_name = vol.namespace, None
-            proc = ev.ProcessInfo(pid=pid, command=comm, cgroup_id=cgid, tid=tid)
-            cross_pod = None
-            if pods is not None:
-                ns2, name2 = pods.pod_names(vol.pod_uid)
-                namespace, pod_name = ns2 or namespace, name2
-                acc = pods.accessor(cgid, pid, comm)
-                proc.container_id = acc.container_id
-                proc.pod_uid = acc.pod_uid
-                proc.namespace = acc.namespace
-                proc.pod_name = acc.pod_name
-                proc.role = acc.role
-                cross_pod = acc.role != "kubelet" and acc.pod_uid != vol.pod_uid
-            event = ev.AccessEvent(
-                event_type=event_type, timestamp=rfc(first), pod_uid=vol.pod_uid,
-                namespace=namespace, pod_name=pod_name, config_name=vol.config_name or vol.name,
-                config_name_source="collector" if vol.config_name else "volume_name", volume_name=vol.name,
-                mount_path=vol.path, file=key, path=path, process=proc,
-                cross_pod=cross_pod, syscall=wire.OP_NAMES.get(op, str(op)),
-                stale_inode=bool(flags & wire.F_UNLINKED),
-                path_truncated=bool(flags & wire.F_PATH_TRUNC))
-            if specs is not None:
-                event = self._with_spec(event, vol, key)
-            metric_name = event.config_name if event_type != ev.PROJECTED_ACCESS else vol.name
-            metrics.access(event_type, event.namespace, metric_name, count)
-            if cross_pod:
-                metrics.cross_pod(event.namespace, vol.kind, count) if hasattr(metrics, "cross_pod") else None
-            self.sink.emit(event, count, stamps)
-            metrics.processing(event_type, (time.perf_counter() - t0))
-            if hasattr(metrics, "latency"):
-                metrics.latency((now_ns - first) / 1e9)
+            self._account(pid, tid, cgid, comm, vol_id, file_id, dnames, flags, op, path,
+                          count, first, last, stamps, now_ns)
         self.events_processed += total
         self._win_count += total
         if total:
             self.last_event_mono = time.monotonic()
+
+    def _account(self, pid, tid, cgid, comm, vol_id, file_id, dnames, flags, op, path,
+                 count, first, last, stamps, now_ns, overflow=False) -> None:
+        """One folded group of identical accesses: metrics, then the sink."""
+        t0 = time.perf_counter()
+        resolved = self.volumes.resolve(vol_id, file_id, dnames)
+        if resolved is None:
+            self.unresolved += count
+            return
+        vol, key = resolved
+        pods, metrics = self.pods, self.metrics
+        event_type = ev.KIND_EVENT_TYPE[vol.kind]
+        namespace, pod_name = vol.namespace, None
+        proc = ev.ProcessInfo(pid=pid, command=comm, cgroup_id=cgid, tid=tid)
+        cross_pod = None
+        if pods is not None:
+            ns2, name2 = pods.pod_names(vol.pod_uid)
+            namespace, pod_name = ns2 or namespace, name2
+            acc = pods.accessor(cgid, pid, comm)
+            proc.container_id = acc.container_id
+            proc.pod_uid = acc.pod_uid
+            proc.namespace = acc.namespace
+            proc.pod_name = acc.pod_name
+            proc.role = acc.role
+            cross_pod = acc.role != "kubelet" and acc.pod_uid != vol.pod_uid
+        event = ev.AccessEvent(
+            event_type=event_type, timestamp=self.clock.rfc3339(first), pod_uid=vol.pod_uid,
+            namespace=namespace, pod_name=pod_name, config_name=vol.config_name or vol.name,
+            config_name_source="collector" if vol.config_name else "volume_name",
+            volume_name=vol.name, mount_path=vol.path, file=key, path=path, process=proc,
+            cross_pod=cross_pod, syscall=wire.OP_NAMES.get(op, str(op)),
+            stale_inode=bool(flags & wire.F_UNLINKED),
+            path_truncated=bool(flags & wire.F_PATH_TRUNC), overflow=overflow)
+        if self.podspecs is not None:
+            event = self._with_spec(event, vol, key)
+        metric_name = event.config_name if event_type != ev.PROJECTED_ACCESS else vol.name
+        metrics.access(event_type, event.namespace, metric_name, count)
+        if cross_pod:
+            metrics.cross_pod(event.namespace, vol.kind, count)
+        self.sink.emit(event, count, stamps, first, last)
+        metrics.processing(event_type, time.perf_counter() - t0)
+        metrics.latency((now_ns - last) / 1e9)
+
+    def _drain_overflow(self, everything: bool = False) -> None:
+        """Accesses the kernel counted while the ring buffer was full: no
+        path or per-access time, but each one is reported and counted."""
+        entries = self.kernel.drain_overflow(everything)
+        if not entries:
+            return
+        now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        total = 0
+        for cgid, pid, vol_id, file_id, op, count in entries:
+            total += count
+            comm = _comm_of(pid)
+            stamps = [now_ns] * count if self.output == "stdout" else None
+            self._account(pid, pid, cgid, comm, vol_id, file_id, None, 0, op, "", count,
+                          now_ns, now_ns, stamps, now_ns, overflow=True)
+        log.warning("ring buffer was full: %d accesses reported from the kernel's overflow "
+                    "counts (no path or per-access time); consider a larger ring_buffer_size", total)
+        self.events_processed += total
+        self.sink.flush()
 
     def _with_spec(self, event, vol, key):
         meta = self.podspecs.get(vol.pod_uid)
@@ -487,6 +522,7 @@ class Daemon:
         try:
             if self.reader is not None and self.kernel is not None and self.kernel.obj is not None:
                 self._drain()
+                self._drain_overflow(everything=True)
         except Exception:
             log.exception("final drain")
         for part in (self.sink, self.http, self.podspecs, self.pods, self.volumes):

@@ -56,6 +56,7 @@ class AccessEvent(msgspec.Struct, kw_only=True):
     syscall: str = "openat"
     stale_inode: bool = False           # file no longer linked (e.g. a subPath after an update)
     path_truncated: bool = False
+    overflow: bool = False              # counted in the kernel while the ring buffer was full
 
 
 class PodSyscallEvent(msgspec.Struct, kw_only=True):

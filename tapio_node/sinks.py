@@ -63,7 +63,8 @@ class StdoutSink:
             except BlockingIOError:
                 select.select([], [self.fd], [], 1.0)
 
-    def emit(self, event, count: int, stamps: list[int] | None) -> None:
+    def emit(self, event, count: int, stamps: list[int] | None,
+             first_ns: int = 0, last_ns: int = 0) -> None:
         if not stamps or count == 1:
             self._buf += ev.encode(event)
             self._buf += b"\n"
@@ -112,11 +113,11 @@ class JournalSinkAdapter:
         self.journal = journal
         self.clock = clock
 
-    def emit(self, event, count: int, stamps: list[int] | None) -> None:
-        first = last = None
-        if stamps:
-            first = self.clock.rfc3339(stamps[0])
-            last = self.clock.rfc3339(stamps[-1])
+    def emit(self, event, count: int, stamps: list[int] | None,
+             first_ns: int = 0, last_ns: int = 0) -> None:
+        rfc = self.clock.rfc3339
+        first = rfc(first_ns) if first_ns else event.timestamp
+        last = rfc(last_ns) if last_ns else first
         self.journal.emit(event, count=count, first_ts=first, last_ts=last)
 
     def flush(self) -> None:
@@ -130,7 +131,7 @@ class JournalSinkAdapter:
 
 
 class NullSink:
-    def emit(self, event, count, stamps) -> None:
+    def emit(self, event, count, stamps, first_ns=0, last_ns=0) -> None:
         pass
 
     def flush(self) -> None:

@@ -41,11 +41,13 @@ STAT_DROPS = 0
 STAT_HITS = 1
 STAT_FD_RACE = 2
 STAT_SYSCALL_DROPS = 3
-STAT_MAX = 4
+STAT_LOST = 4
+STAT_MAX = 5
 
 INODE_KEY = struct.Struct("<IIQ")          # dev, gen, ino
 WATCH = struct.Struct("<II")               # volume_id, file_id
 DEV = struct.Struct("<II")                 # flags, volume_id
+OVERFLOW_KEY = struct.Struct("<QIIIHH")   # cgroup_id, pid, volume_id, file_id, op, gen
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 ACCESS = struct.Struct(f"<IIQQIIIIQIIIi{COMM_LEN}s{PATH_LEN}s")

@@ -177,3 +177,33 @@ def test_restart_keeps_attribution(sim_node, daemon_factory):
         rc, _ = d.stop()
         assert rc == 0
     assert seen[0] == seen[1] == (pod.uid, "prod", "api-0", "app.yaml", pod.uid, ctr.id)
+
+
+def test_full_ring_buffer_loses_no_access(sim_node, daemon_factory):
+    """With the daemon stopped the ring buffer fills; the kernel keeps
+    counting in overflow_counts and every access is still reported."""
+    import signal
+
+    pod = _pod(sim_node)
+    ctr = pod.add_container("app")
+    d = daemon_factory(sim_node.write_config(ring_buffer_size=4096))
+    n = 3000
+    reader = ctr.start_reader("/run/secrets/db-credentials/password", count=n)
+    d.proc.send_signal(signal.SIGSTOP)
+    try:
+        summary = reader.wait()
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    assert summary["opened"] == n
+    got = d.wait_events(n, timeout=15, pred=lambda e: e["process"]["pid"] == summary["pid"])
+    d.settle()
+    got = [e for e in d.lines if e["process"]["pid"] == summary["pid"]]
+    assert len(got) == n
+    overflowed = [e for e in got if e["overflow"]]
+    assert overflowed, "the 4 KiB ring buffer should have overflowed"
+    assert {(e["file"], e["volume_name"], e["process"]["container_id"]) for e in overflowed} == \
+        {("password", "db-credentials", ctr.id)}
+    text = d.get("/metrics")[1].decode()
+    assert metric_value(text, "kernel_monitor_secret_access_total", namespace="shop",
+                        secret="db-credentials") == n
+    assert json.loads(d.get("/healthz")[1])["ring_buffer_drops"] == len(overflowed)
