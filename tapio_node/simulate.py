@@ -10,6 +10,8 @@ private mount namespaces that see their volumes at in-container paths.
         pod = node.add_pod("shop", "web", [VolumeSpec("configmap", "app-config", {"app.yaml": b"x: 1\\n"})])
         c = pod.add_container("web")
         proc = c.run(reader_argv("/run/config/app-config/app.yaml", count=5))
+        r = c.start_reader("/run/config/app-config/app.yaml", count=5)  # set up, waits for go()
+        r.go(); summary = r.wait()                                       # {"opened": 5, ...}
 
 ``close()`` (also run by ``with`` and at interpreter exit) kills every process
 it started (by pid), unmounts every mount under the node's dir, removes its
@@ -31,6 +33,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -1124,7 +1127,13 @@ def run_demo(start_collector: Callable[[str], object] | None = None, duration: f
         def start_collector(cfg: str) -> subprocess.Popen:
             return subprocess.Popen([sys.executable, "-m", "tapio_node", "run", "--config", cfg,
                                      "--output", "stdout"], stdout=subprocess.PIPE, env=_child_env(None))
-    old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # Signal handlers can only be set from the main thread.
+    main = threading.current_thread() is threading.main_thread()
+    sigs = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    old = {s: signal.getsignal(s) for s in sigs} if main else {}
+    if main:
+        signal.signal(signal.SIGTERM, _raise_stop)
+        signal.signal(signal.SIGHUP, _raise_stop)
     collector = None
     rc = 0
     node = None
@@ -1145,19 +1154,31 @@ def run_demo(start_collector: Callable[[str], object] | None = None, duration: f
         rc = _stream(node, pods, collector, duration, raw, out)
     except (KeyboardInterrupt, _Stop):
         pass
+    except SimulationError as exc:
+        print(f"tapio-node demo: error: {exc}", file=sys.stderr, flush=True)
+        rc = 1
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        if isinstance(collector, subprocess.Popen) and collector.poll() is None:
-            collector.send_signal(signal.SIGTERM)
-            try:
-                collector.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                collector.kill()
-                collector.wait()
-        if node is not None:
-            node.close()
-            print("tapio-node demo: cleaned up (processes, mounts, cgroups, temp dir)", file=out, flush=True)
+        # A second Ctrl-C/SIGTERM must not cut the teardown short.
+        for sig in old:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            if isinstance(collector, subprocess.Popen) and collector.poll() is None:
+                collector.send_signal(signal.SIGTERM)
+                try:
+                    collector.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    collector.kill()
+                    collector.wait()
+            if node is not None:
+                try:
+                    node.close()
+                    print("tapio-node demo: cleaned up (processes, mounts, cgroups, temp dir)", file=out, flush=True)
+                except SimulationError as exc:
+                    print(f"tapio-node demo: error: {exc}", file=sys.stderr, flush=True)
+                    rc = 1
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
     return rc
 
 
@@ -1179,6 +1200,8 @@ def _wait_healthy(node: SimulatedNode, cfg: str, collector, limit: float = 30.0)
         except OSError:
             pass
         time.sleep(0.2)
+    print(f"tapio-node demo: warning: the collector's /healthz did not answer 200 within {limit:.0f} s; "
+          "starting the pods anyway", file=sys.stderr, flush=True)
 
 
 def _demo_steps(node: SimulatedNode, pods: dict[str, SimPod]) -> list[tuple[float, Callable[[], object], str]]:
@@ -1225,7 +1248,7 @@ def _stream(node: SimulatedNode, pods: dict[str, SimPod], collector, duration: f
             print(f"tapio-node demo: {message}", file=out, flush=True)
         if isinstance(collector, subprocess.Popen) and collector.poll() is not None and not sel.get_map():
             print(f"tapio-node demo: the collector exited with status {collector.returncode}", file=out)
-            return collector.returncode or 1
+            return collector.returncode
         for key, _ in sel.select(timeout=0.5):
             chunk = key.fileobj.read()
             if chunk == b"":
