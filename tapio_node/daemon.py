@@ -433,6 +433,10 @@ class Daemon:
 
     def _with_spec(self, event, vol, key):
         meta = self.podspecs.get(vol.pod_uid)
+        if meta is None and event.namespace and event.pod_name:
+            # Static pods: the kubelet's UID is a config hash, not the
+            # manifest's; match them by namespace/name.
+            meta = self.podspecs.get_by_name(event.namespace, event.pod_name)
         if meta is None:
             return event
         changes = {"namespace": event.namespace or meta.namespace,
