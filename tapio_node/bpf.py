@@ -201,11 +201,9 @@ class KernelMaps:
         self._pids = kernel.maps["container_pids"]
 
     def put_pod_info(self, cgroup_id: int, info) -> None:
-        from tapio_node.pods import QOS
+        from tapio_node.pods import pack_pod_info
 
-        self._pods.update(wire.U64.pack(cgroup_id), wire.pack_pod_info(
-            info.pod_uid, info.namespace, info.pod_name, info.container_id,
-            int(info.created_at or 0), QOS.get(info.qos or "", 0)))
+        self._pods.update(wire.U64.pack(cgroup_id), pack_pod_info(info))
 
     def delete_pod_info(self, cgroup_id: int) -> None:
         self._pods.delete(wire.U64.pack(cgroup_id))

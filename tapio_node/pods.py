@@ -35,7 +35,6 @@ _QOS_NAME = {v: k for k, v in QOS.items()}
 # struct tapio_pod_info (bpf/tapio.h): every name below fits its
 # NUL-terminated field (uid 36 < 40, namespace 63 < 64, pod name 253 < 256,
 # container id 64 < 72).
-_POD_INFO = wire.POD_INFO
 
 # Pod uids are UUIDs; static pods get the 32-hex hash of their manifest
 # (kubelet pkg/kubelet/config/common.go), which also shows up in cgroup
@@ -130,17 +129,15 @@ _KUBELET = Accessor(None, None, None, None, "kubelet")
 
 def pack_pod_info(info: PodInfo) -> bytes:
     """struct tapio_pod_info as the kernel sees it (flags 0)."""
-    return _POD_INFO.pack(
-        info.pod_uid.encode(), (info.namespace or "").encode(),
-        (info.pod_name or "").encode(), (info.container_id or "").encode(),
-        info.created_at, QOS.get(info.qos or "", 0), 0)
+    return wire.pack_pod_info(info.pod_uid, info.namespace, info.pod_name, info.container_id,
+                              info.created_at, QOS.get(info.qos or "", 0))
 
 
 def unpack_pod_info(raw: bytes) -> PodInfo | None:
     """The inverse of pack_pod_info; None for anything that does not validate."""
-    if len(raw) != _POD_INFO.size:
+    if len(raw) != wire.POD_INFO.size:
         return None
-    uid, ns, name, cid, created, qos, _flags = _POD_INFO.unpack(raw)
+    uid, ns, name, cid, created, qos, _flags = wire.POD_INFO.unpack(raw)
 
     def s(b: bytes) -> str | None:
         v = b.split(b"\0", 1)[0].decode("ascii", "replace")
