@@ -908,6 +908,10 @@ class PodSpecs:
                 if self._stop.is_set():
                     return
                 attempt += 1
+                if attempt >= 2 and relist_rv:
+                    # Our resourceVersion may be what the server rejects ("too large" after
+                    # an etcd restore): take any cached state, cheap for a recovering server.
+                    relist_rv = "0"
                 self._set_state(False, str(e), e.reason)
                 self._stop.wait(self._backoff(attempt))
             except Exception as e:  # e.g. a vanished tokenFile, a failing exec plugin: never kill the thread

@@ -184,6 +184,13 @@ class KubeAPIServer:
             self._expire_running = expire_running
             self._lock.notify_all()
 
+    def restore(self, rv: int) -> None:
+        """Go back to resourceVersion `rv` with the same pods, as after an etcd restore."""
+        with self._lock:
+            self._rv = rv
+            self._log = []
+            self._lock.notify_all()
+
     def bookmark(self) -> None:
         with self._lock:
             # The shape the API server sends: an empty Pod carrying only the resourceVersion.
@@ -268,6 +275,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if url.path != "/api/v1/pods":
             return self._json(404, status(404, "NotFound", f"the server could not find {url.path}"))
         node = _node_of(params)
+        asked = int(params.get("resourceVersion") or 0)
+        with api._lock:
+            current = api._rv
+        if asked > current:
+            # The watch cache never reaches that version (e.g. after an etcd restore).
+            msg = f"Too large resource version: {asked}, current: {current}"
+            return self._json(504, status(504, "Timeout", msg))
         if user.startswith("system:node:") and node != user.removeprefix("system:node:"):
             msg = f'pods is forbidden: User "{user}" cannot list resource "pods" in API group "" at the cluster scope'
             return self._json(403, status(403, "Forbidden", msg))

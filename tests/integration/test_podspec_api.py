@@ -435,3 +435,19 @@ def test_paged_list_and_expired_continue_token(api, pki, client_cert, tmp_path):
         assert [r["params"].get("continue") for r in srv.requests[4:]] == [None, "2"] * 4
     finally:
         client.close()
+
+
+def test_resource_version_from_the_future_falls_back_to_a_fresh_list(api, specs, pki, client_cert, tmp_path):
+    srv = populated(api()).start()
+    kc = write_kubeconfig(str(tmp_path / "kc"), srv.url, pki.ca, cert=client_cert)
+    s = specs(kubeconfig=kc)
+    s.start()
+    assert wait_until(lambda: s.up and srv.watching() == 1), s.last_error
+    srv.restore(50)  # etcd restored from a backup: our resourceVersion is now "too large"
+    srv.drop_watches()
+    assert wait_until(lambda: s.up and srv.watching() == 1 and srv.count(watch=False) >= 2)
+    lists = [r["params"].get("resourceVersion") for r in srv.requests if not r["watch"]]
+    assert lists[0] == "0" and lists[-1] == "0"
+    uid = "88888888-0000-0000-0000-000000000000"
+    srv.put_pod(new_pod("after-restore", uid))
+    assert wait_until(lambda: s.get(uid) is not None)
