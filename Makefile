@@ -7,7 +7,7 @@ VENV      ?= .venv
 VPY       := $(VENV)/bin/python
 APT_PKGS  := clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev pkg-config \
              libsystemd-dev python3-venv python3-dev gcc make util-linux \
-             iproute2 systemd procps prometheus
+             iproute2 systemd procps prometheus liburing-dev
 PY_DEPS   := setuptools wheel cython msgspec pyyaml prometheus-client inotify-simple \
              systemd-python pytest lightkube
 

@@ -168,12 +168,12 @@ static __always_inline const char *user_path(int arg)
 	struct pt_regs *regs;
 	__u64 *stashed;
 
+	if (arg < 0)
+		return NULL;
 	if (use_enter_stash) {
 		stashed = bpf_map_lookup_elem(&pending_opens, &id);
 		return stashed ? (const char *)*stashed : NULL;
 	}
-	if (arg < 0)
-		return NULL;
 	/* The saved user registers still hold the syscall arguments at exit,
 	 * so unwatched opens pay for no enter program at all. */
 	regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
@@ -368,6 +368,27 @@ SEC("tracepoint/syscalls/sys_exit_open_by_handle_at")
 int trace_config_access_by_handle(struct trace_event_raw_sys_exit *ctx)
 {
 	on_open_exit(ctx->ret, TAPIO_OP_OPEN_BY_HANDLE, -1);
+	return 0;
+}
+
+/* io_uring IORING_OP_OPENAT/OPENAT2 make no open syscall: catch their
+ * completion instead. The fd is installed in the submitter's table, which
+ * io-wq workers share, so the same fd -> inode resolution applies. The
+ * filename is already freed at completion: no path for these. */
+SEC("tp_btf/io_uring_complete")
+int BPF_PROG(trace_config_access_uring, struct io_ring_ctx *ring, void *req,
+	     struct io_uring_cqe *cqe)
+{
+	struct io_kiocb *r = req;
+	__u8 opcode = BPF_CORE_READ(r, opcode);
+
+	if (opcode != IORING_OP_OPENAT && opcode != IORING_OP_OPENAT2)
+		return 0;
+	/* A direct descriptor (fixed file slot) is not an fd in the table. */
+	if (BPF_CORE_READ((struct io_open *)req, file_slot))
+		return 0;
+	on_open_exit(BPF_CORE_READ(cqe, res),
+		     opcode == IORING_OP_OPENAT ? TAPIO_OP_URING_OPENAT : TAPIO_OP_URING_OPENAT2, -1);
 	return 0;
 }
 

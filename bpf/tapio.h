@@ -29,6 +29,8 @@
 #define TAPIO_OP_OPENAT2 2
 #define TAPIO_OP_CREAT 3
 #define TAPIO_OP_OPEN_BY_HANDLE 4
+#define TAPIO_OP_URING_OPENAT 5
+#define TAPIO_OP_URING_OPENAT2 6
 
 /* watched_devs flags */
 #define TAPIO_DEV_USE_GEN 0x1   /* the key carries i_generation */

@@ -20,6 +20,7 @@ TRACEPOINT_OF = {
     "trace_config_access_openat2": "syscalls/sys_exit_openat2",
     "trace_config_access_creat": "syscalls/sys_exit_creat",
     "trace_config_access_by_handle": "syscalls/sys_exit_open_by_handle_at",
+    "trace_config_access_uring": "io_uring/io_uring_complete",
     "stash_openat": "syscalls/sys_enter_openat",
     "stash_open": "syscalls/sys_enter_open",
     "stash_openat2": "syscalls/sys_enter_openat2",
