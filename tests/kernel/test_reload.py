@@ -1,0 +1,99 @@
+"""SIGHUP: a valid config is applied without losing events; an invalid
+one is logged and the running config kept. systemd hears RELOADING=1
+then READY=1 (Type=notify)."""
+import os
+import signal
+import socket
+import time
+
+import pytest
+import yaml
+
+from harness import daemon_factory  # noqa: F401  (fixture)
+from tapio_node.simulate import VolumeSpec
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.2)
+    yield path, sock
+    sock.close()
+
+
+def _messages(sock, until=None, timeout=10.0):
+    got = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            got.append(sock.recv(4096).decode())
+        except socket.timeout:
+            if until is None:
+                break
+            continue
+        if until is not None and until(got):
+            break
+    return got
+
+
+def test_sighup_applies_a_valid_config_and_keeps_the_old_on_error(sim_node, daemon_factory,
+                                                                    notify_socket):
+    path, sock = notify_socket
+    pod = sim_node.add_pod("shop", "web-0", [
+        VolumeSpec("configmap", "app-config", {"app.yaml": b"a"}),
+        VolumeSpec("secret", "certs", {"tls.key": b"k"}),
+    ], service_account=False)
+    ctr = pod.add_container("app")
+    cfg_path = sim_node.write_config()
+    env = dict(os.environ, NOTIFY_SOCKET=path)
+    d = daemon_factory(cfg_path, env=env)
+    assert any(m.startswith("READY=1") or "\nREADY=1" in m
+               for m in _messages(sock, until=lambda g: any("READY=1" in m for m in g)))
+
+    # A reader loops through both reloads: no open may be lost.
+    loop = ctr.start_reader("/run/secrets/certs/tls.key", count=0, interval=0.001)
+    loop.go()
+
+    # Invalid: logged, old config kept, still running and reporting.
+    with open(cfg_path) as fh:
+        good = fh.read()
+    with open(cfg_path, "w") as fh:
+        fh.write(good.replace("kernel_collector:", "kernel_collector:\n  buffer_size: many"))
+    d.proc.send_signal(signal.SIGHUP)
+    msgs = _messages(sock, until=lambda g: sum("READY=1" in m for m in g) >= 1)
+    assert any("RELOADING=1" in m for m in msgs)
+    deadline = time.monotonic() + 5
+    while not any("reload refused" in line for line in d.stderr) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any("reload refused" in line and "kernel_collector.buffer_size" in line for line in d.stderr)
+    s1 = ctr.start_reader("/run/config/app-config/app.yaml").wait()
+    assert d.wait_events(1, pred=lambda e: e["process"]["pid"] == s1["pid"])
+
+    # Valid: stop watching ConfigMaps; Secrets go on without a gap.
+    cfg = yaml.safe_load(good)
+    cfg["kernel_collector"]["monitor_configmaps"] = False
+    with open(cfg_path, "w") as fh:
+        yaml.safe_dump(cfg, fh)
+    d.proc.send_signal(signal.SIGHUP)
+    msgs = _messages(sock, until=lambda g: any("READY=1" in m for m in g))
+    assert any("RELOADING=1" in m for m in msgs)
+    deadline = time.monotonic() + 5
+    while not any("configuration reloaded" in line for line in d.stderr) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    s2 = ctr.start_reader("/run/config/app-config/app.yaml").wait()
+    marker = ctr.start_reader("/run/secrets/certs/tls.key").wait()
+    d.wait_events(1, pred=lambda e: e["process"]["pid"] == marker["pid"])
+    summary = loop.stop()
+    d.wait_events(summary["opened"], timeout=15, pred=lambda e: e["process"]["pid"] == summary["pid"])
+    d.settle()
+    assert not [e for e in d.lines if e["process"]["pid"] == s2["pid"]]
+    looped = [e for e in d.lines if e["process"]["pid"] == summary["pid"]]
+    assert summary["opened"] > 0 and len(looped) == summary["opened"]
+    assert d.proc.poll() is None
+    rc, _ = d.stop()
+    assert rc == 0
+    assert any("STOPPING=1" in m for m in _messages(sock))
