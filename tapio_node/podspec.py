@@ -73,7 +73,8 @@ PODS_PATH = "/api/v1/pods"
 class KeySource(msgspec.Struct, frozen=True):
     """Where one file of a volume comes from."""
 
-    kind: str  # "configmap" | "secret" | "serviceAccountToken" | "downwardAPI" | "clusterTrustBundle" | "podCertificate"
+    # "configmap" | "secret" | "serviceAccountToken" | "downwardAPI" | "clusterTrustBundle" | "podCertificate"
+    kind: str
     name: str | None  # object name; service account for tokens; None for downwardAPI
     key: str | None  # key inside the object (after items[].path remapping); fieldPath for downwardAPI
 
@@ -578,7 +579,8 @@ def list_pods(
                     # The continue token expired between pages: start the list over.
                     restarts += 1
                     if restarts > 3:
-                        raise SourceError(f"API {server}: list continue token expired (410) {restarts} times", "http_4xx")
+                        msg = f"API {server}: list continue token expired (410) {restarts} times"
+                        raise SourceError(msg, "http_4xx")
                     params, pods = {"fieldSelector": _node_selector(node), "limit": limit}, []
                     continue
                 if resp.status_code != 200:
@@ -614,9 +616,12 @@ class _Metrics:
         self.pods = Gauge("kernel_monitor_podspec_pods", "Pod specs known, by source", ["source"], registry=registry)
         self.relists = Counter("kernel_monitor_podspec_relists_total", "Full pod lists from the API", registry=registry)
         self.restarts = Counter(
-            "kernel_monitor_podspec_watch_restarts_total", "Pod watches restarted, by reason", ["reason"], registry=registry
+            "kernel_monitor_podspec_watch_restarts_total", "Pod watches restarted, by reason", ["reason"],
+            registry=registry,
         )
-        self.errors = Counter("kernel_monitor_podspec_errors_total", "Pod spec source errors, by reason", ["reason"], registry=registry)
+        self.errors = Counter(
+            "kernel_monitor_podspec_errors_total", "Pod spec source errors, by reason", ["reason"], registry=registry
+        )
 
 
 def _metrics_for(metrics: Any) -> _Metrics | None:
@@ -1067,11 +1072,13 @@ def check(
         try:
             pods, errors = scan_manifests(static_pods_path, node)
         except OSError as e:
-            out.append((False, f"static pod manifests: cannot read {static_pods_path}: {e}", "check the directory's permissions"))
+            text = f"static pod manifests: cannot read {static_pods_path}: {e}"
+            out.append((False, text, "check the directory's permissions"))
         else:
             out.append((True, f"static pod manifests: {len(pods)} pod(s) in {static_pods_path}", ""))
             for path, why in errors:
-                out.append((False, f"static pod manifest {path}: {why}", "fix or remove the file (the kubelet cannot run it either)"))
+                fix = "fix or remove the file (the kubelet cannot run it either)"
+                out.append((False, f"static pod manifest {path}: {why}", fix))
     else:
         out.append((True, f"static pod manifests: {static_pods_path} does not exist (no static pods)", ""))
 

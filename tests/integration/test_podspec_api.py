@@ -5,7 +5,6 @@ authentication, real chunked watch streams; only the API server is a stand-in
 (none can run here). Waits are bounded but nothing asserts a duration.
 """
 
-import copy
 import json
 import logging
 import os
@@ -269,7 +268,8 @@ def test_no_credentials_at_all(specs, tmp_path, monkeypatch, caplog):
     s.stop()
     assert all(not t.is_alive() for t in threading.enumerate() if t.name.startswith("tapio-podspec"))
 
-    res = podspec.check(static_pods_path=str(tmp_path / "none"), kubeconfig=str(tmp_path / "absent.conf"), node_name=NODE)
+    res = podspec.check(static_pods_path=str(tmp_path / "none"), kubeconfig=str(tmp_path / "absent.conf"),
+                        node_name=NODE)
     api_res = res[-1]
     assert api_res[0] is False and "no Kubernetes API credentials" in api_res[1] and "kubeconfig" in api_res[2]
 
@@ -335,7 +335,8 @@ def test_stop_interrupts_a_blocked_watch(api, specs, pki, client_cert, tmp_path)
 def test_check_reports_source_and_node_access(api, pki, client_cert, tmp_path):
     srv = populated(api()).start()
     kc = write_kubeconfig(str(tmp_path / "kc"), srv.url, pki.ca, cert=client_cert)
-    res = podspec.check(static_pods_path=os.path.join(FIX, "manifests"), kubeconfig=kc, node_name=NODE, in_cluster=False)
+    res = podspec.check(static_pods_path=os.path.join(FIX, "manifests"), kubeconfig=kc, node_name=NODE,
+                        in_cluster=False)
     ok_static, text_static, _ = res[0]
     assert ok_static and "2 pod(s)" in text_static
     assert any(not ok and "broken.yaml" in text for ok, text, _ in res)
@@ -343,13 +344,15 @@ def test_check_reports_source_and_node_access(api, pki, client_cert, tmp_path):
     assert ok and f"kubeconfig {kc}" in text and "(2 now)" in text and fix == ""
 
     # The node's certificate only lets it read its own pods: a wrong node_name is a 403.
-    res = podspec.check(static_pods_path=str(tmp_path / "none"), kubeconfig=kc, node_name="wrong-node", in_cluster=False)
+    res = podspec.check(static_pods_path=str(tmp_path / "none"), kubeconfig=kc, node_name="wrong-node",
+                        in_cluster=False)
     ok, text, fix = res[-1]
     assert not ok and "403" in text and "node_name" in fix
 
     # A server nobody listens on.
     dead = write_kubeconfig(str(tmp_path / "dead"), f"https://127.0.0.1:{free_port()}", pki.ca, cert=client_cert)
-    ok, text, fix = podspec.check(static_pods_path=str(tmp_path / "none"), kubeconfig=dead, node_name=NODE, in_cluster=False)[-1]
+    res = podspec.check(static_pods_path=str(tmp_path / "none"), kubeconfig=dead, node_name=NODE, in_cluster=False)
+    ok, text, fix = res[-1]
     assert not ok and "unreachable" in text and "server address" in fix
 
 
@@ -451,3 +454,17 @@ def test_resource_version_from_the_future_falls_back_to_a_fresh_list(api, specs,
     uid = "88888888-0000-0000-0000-000000000000"
     srv.put_pod(new_pod("after-restore", uid))
     assert wait_until(lambda: s.get(uid) is not None)
+
+
+def test_metrics_on_the_daemons_registry_survive_a_second_instance(specs, tmp_path, monkeypatch):
+    metrics = pytest.importorskip("tapio_node.metrics")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    m = metrics.Metrics()
+    # A SIGHUP reload builds a new PodSpecs on the same registry: no duplicate-series error.
+    for _ in range(2):
+        s = specs(kubeconfig=str(tmp_path / "absent"), metrics=m)
+        s.start()
+        assert wait_until(lambda: s.last_error is not None)
+        s.stop()
+    assert m.registry.get_sample_value("kernel_monitor_podspec_source_up") == 0
+    assert m.registry.get_sample_value("kernel_monitor_podspec_errors_total", {"reason": "no_credentials"}) >= 2

@@ -25,7 +25,8 @@ def web() -> podspec.PodMeta:
 
 
 def test_pod_identity_and_workload(web):
-    assert (web.uid, web.namespace, web.name) == ("3f6c2a1e-8b0d-4c6e-9a57-2f1d8e4b7c10", "shop", "web-7d9c5b8f6d-x2x9q")
+    assert web.uid == "3f6c2a1e-8b0d-4c6e-9a57-2f1d8e4b7c10"
+    assert (web.namespace, web.name) == ("shop", "web-7d9c5b8f6d-x2x9q")
     assert web.app_name == "web"
     assert web.service_account == "web-sa"
     # ReplicaSet web-7d9c5b8f6d with pod-template-hash 7d9c5b8f6d belongs to Deployment web.
@@ -78,7 +79,10 @@ def test_two_all_keys_sources_are_ambiguous():
             "metadata": {"name": "p", "namespace": "n", "uid": "u"},
             "spec": {
                 "volumes": [
-                    {"name": "both", "projected": {"sources": [{"secret": {"name": "a"}}, {"configMap": {"name": "b"}}]}},
+                    {
+                        "name": "both",
+                        "projected": {"sources": [{"secret": {"name": "a"}}, {"configMap": {"name": "b"}}]},
+                    },
                 ]
             },
         },
@@ -152,7 +156,8 @@ def test_api_pod_list_shape_decodes():
     with open(os.path.join(FIX, "pod_web.json")) as f:
         pod = json.load(f)
     body = json.dumps(
-        {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "42", "continue": "abc"}, "items": [pod]}
+        {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "42", "continue": "abc"},
+         "items": [pod]}
     )
     lst = podspec._list_decoder.decode(body)
     assert (lst.metadata.resourceVersion, lst.metadata.continue_, len(lst.items)) == ("42", "abc", 1)
