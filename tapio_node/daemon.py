@@ -31,6 +31,9 @@ RESTART_KEYS = ("ring_buffer_size", "pin_path", "listen_address", "syscall_sampl
                 "pod_logs_path", "kubeconfig", "node_name", "static_pods_path", "buffer_size")
 
 
+PROJECTED_SOURCE_EVENT = {"configmap": ev.CONFIGMAP_ACCESS, "secret": ev.SECRET_ACCESS}
+
+
 def _comm_of(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as fh:
@@ -404,8 +407,15 @@ class Daemon:
             path_truncated=bool(flags & wire.F_PATH_TRUNC), overflow=overflow)
         if self.podspecs is not None:
             event = self._with_spec(event, vol, key)
-        metric_name = event.config_name if event_type != ev.PROJECTED_ACCESS else vol.name
-        metrics.access(event_type, event.namespace, metric_name, count)
+        if event_type == ev.PROJECTED_ACCESS:
+            metrics.access(event_type, event.namespace, vol.name, count)
+            # A projected key from a ConfigMap/Secret also counts for that
+            # object, so "which secrets are never read" sees every mount.
+            also = PROJECTED_SOURCE_EVENT.get(event.source_kind or "")
+            if also and event.config_name_source == "pod_spec":
+                metrics.access(also, event.namespace, event.config_name, count)
+        else:
+            metrics.access(event_type, event.namespace, event.config_name, count)
         if cross_pod:
             metrics.cross_pod(event.namespace, vol.kind, count)
         self.sink.emit(event, count, stamps, first, last)
@@ -451,6 +461,7 @@ class Daemon:
                 changes["config_name"] = src.name
                 changes["config_name_source"] = "pod_spec"
             changes["source_kind"] = src.kind
+            changes["source_key"] = src.key
         return msgspec.structs.replace(event, **changes)
 
     def _syscall_group(self, g) -> int:

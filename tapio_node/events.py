@@ -49,7 +49,8 @@ class AccessEvent(msgspec.Struct, kw_only=True):
     process: ProcessInfo
     cross_pod: bool | None
     # Additions beyond the seed.
-    source_kind: str | None = None      # projected keys: configmap/secret/serviceAccountToken/downwardAPI
+    source_kind: str | None = None      # configmap/secret/serviceAccountToken/downwardAPI (pod spec)
+    source_key: str | None = None       # the key in that object (differs from file under items[].path)
     service_account: str | None = None
     workload: Workload | None = None
     app: str | None = None              # label app.kubernetes.io/name
