@@ -45,22 +45,21 @@ def micro_args(env, workload, scale=1.0):
     return ["getpid", str(n)], 0
 
 
-def settle(cfg, base, expected, timeout=15.0):
-    """Wait until the daemon has counted `expected` more events (or its
-    count stops moving), then the counters. Events arrive after the
-    syscalls return: counting too early would report false misses."""
+def settle(cfg, base, expected, timeout=15.0, quiet_polls=4, give_up_polls=10):
+    """The counters once the daemon has caught up: `expected` more events
+    and then no change for `quiet_polls` polls (so late and extra events
+    count against this workload, not the next), or no change for
+    `give_up_polls` polls (events lost). Events arrive after the syscalls
+    return: counting too early would report false misses."""
     t0 = time.monotonic()
     last, still = None, 0
     while True:
         c = cfg.counters()
         got = c["events"] - base["events"]
-        if got >= expected:
+        still = still + 1 if got == last else 0
+        if got >= expected and still >= quiet_polls:
             return c
-        if last == got:
-            still += 1
-        else:
-            still = 0
-        if still >= 10 or time.monotonic() - t0 > timeout:
+        if still >= give_up_polls or time.monotonic() - t0 > timeout:
             return c
         last = got
         time.sleep(0.05)
