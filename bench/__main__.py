@@ -180,14 +180,15 @@ def run_rounds(env, cfgs, rounds, raw, counts, tput, do_tput, scale_of, log, pro
                     raw.setdefault(cfg.name, {}).setdefault(wl, {})[r] = m["workload"]["ns_per_op"]
                     counts.setdefault(cfg.name, {}).setdefault(wl, {})[r] = m
                 if do_tput:
-                    prof = None
+                    profs = None
                     if profile is not None and r == 0 and cfg.name == "tapio-metrics":
-                        prof = scenarios.Perf(cfg.pid, os.path.join(env.tmp, "perf.data"))
+                        profs = {"perf": scenarios.Perf(cfg.pid, os.path.join(env.tmp, "perf.data")),
+                                 "py-spy": scenarios.PySpy(cfg.pid, os.path.join(env.tmp, "spy.txt"))}
                     try:
                         t = scenarios.throughput(env, cfg, scale_of(cfg))
                     finally:
-                        if prof:
-                            profile["tapio-metrics throughput"] = prof.stop()
+                        for kind, prof in (profs or {}).items():
+                            profile[f"tapio-metrics throughput, {kind}"] = prof.stop()
                     tput.setdefault(cfg.name, {})[r] = t
             finally:
                 if isinstance(cfg, C.Bpftrace):

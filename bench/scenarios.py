@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -118,6 +119,42 @@ class Perf:
                            capture_output=True, text=True)
         lines = [ln for ln in r.stdout.splitlines() if ln.strip() and not ln.startswith("#")]
         return "\n".join(lines[:40])
+
+
+class PySpy:
+    """py-spy record (non-blocking) of the daemon's Python stacks; stop()
+    gives the functions with the most samples on top of the stack."""
+
+    def __init__(self, pid, out):
+        import shutil
+        exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+        self.out = out
+        self.proc = None
+        if os.access(exe, os.X_OK):
+            self.proc = subprocess.Popen([exe, "record", "--nonblocking", "--gil", "--rate", "250",
+                                          "-f", "raw", "-o", out, "-p", str(pid)],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         preexec_fn=procs.die_with_parent)
+            time.sleep(0.5)
+
+    def stop(self):
+        if self.proc is None:
+            return "py-spy not installed (pip install py-spy)"
+        procs.stop(self.proc, sig=signal.SIGINT)
+        self_n, total = {}, 0
+        try:
+            with open(self.out) as f:
+                for line in f:
+                    stack, _, n = line.rstrip().rpartition(" ")
+                    if not stack or not n.isdigit():
+                        continue
+                    leaf = stack.split(";")[-1]
+                    self_n[leaf] = self_n.get(leaf, 0) + int(n)
+                    total += int(n)
+        except OSError as e:
+            return f"py-spy wrote nothing: {e}"
+        top = sorted(self_n.items(), key=lambda kv: -kv[1])[:20]
+        return "\n".join(f"{100 * n / total:6.2f}%  {leaf}" for leaf, n in top)
 
 
 # -- latency ---------------------------------------------------------------
