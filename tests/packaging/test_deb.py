@@ -17,7 +17,14 @@ root, debootstrap and the network path to the Debian mirror.
    `tapio-node --version`, `tapio-node check`, the installed daemon against
    a kubelet-like tree with one Secret volume on tmpfs (one JSON event when
    the file is read), `systemd-analyze verify` of the installed unit.
-4. `apt-get remove` (config and enablement kept, venv gone), then `purge`
+4. If systemd-nspawn is installed: boot the root with systemd as PID 1
+   (`systemd-nspawn -b`) and check the unit for real, with all its
+   sandboxing: it becomes active (Type=notify), a read of the Secret file
+   shows up in `journalctl -u tapio-node TAPIO_CONFIG_NAME=db-credentials`,
+   `systemctl reload` keeps the same main pid, no watchdog restart after
+   WatchdogSec, `systemctl stop` is a clean stop; the online
+   `systemd-analyze security` score.
+5. `apt-get remove` (config and enablement kept, venv gone), then `purge`
    (nothing left).
 
 Every chroot command runs in its own private mount namespace (unshare -m)
@@ -357,6 +364,108 @@ def check_unit(root):
     log(f"systemd-analyze security: {score[0].split(':', 1)[1].strip() if score else p.stdout[-300:]}")
 
 
+# Runs inside the booted container as a oneshot unit after tapio-node.
+PROBE = r"""#!/bin/sh
+exec > /tapio-probe.out 2>&1
+VOL=$1
+state() { systemctl is-active tapio-node; }
+i=0; while [ $i -lt 240 ]; do
+    s=$(state); [ "$s" = active ] || [ "$s" = failed ] && break; sleep 0.5; i=$((i+1)); done
+echo "ACTIVE=$(state)"
+echo "MAINPID1=$(systemctl show -P MainPID tapio-node)"
+cat "$VOL/password" >/dev/null
+i=0; while [ $i -lt 120 ]; do
+    journalctl -q -u tapio-node TAPIO_CONFIG_NAME=db-credentials -o json --no-pager | grep -q . && break
+    sleep 0.5; i=$((i+1)); done
+echo "JOURNAL=$(journalctl -q -u tapio-node TAPIO_CONFIG_NAME=db-credentials -o json --no-pager | head -n 1)"
+systemctl reload tapio-node; echo "RELOAD=$?"
+# Past WatchdogSec=30: a loop that stopped pinging would be restarted.
+sleep 40
+echo "ACTIVE2=$(state)"
+echo "MAINPID2=$(systemctl show -P MainPID tapio-node)"
+echo "NRESTARTS=$(systemctl show -P NRestarts tapio-node)"
+echo "STATUS=$(systemctl show -P StatusText tapio-node)"
+echo "SECURITY=$(systemd-analyze security tapio-node.service 2>&1 | tail -n 1)"
+systemctl stop tapio-node; echo "STOP=$?"
+echo "RESULT=$(systemctl show -P Result tapio-node)"
+echo "EXITSTATUS=$(systemctl show -P ExecMainStatus tapio-node)"
+journalctl -q -u tapio-node --no-pager -o short | sed 's/^/LOG: /'
+echo DONE
+systemctl poweroff
+"""
+
+PROBE_UNIT = """[Unit]
+Description=tapio-node install test probe
+After=tapio-node.service
+[Service]
+Type=oneshot
+TimeoutStartSec=300
+ExecStart=/usr/local/sbin/tapio-probe {vol}
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def check_nspawn(root, timeout_s=300):
+    """Boot the root with systemd and run the unit as installed."""
+    if shutil.which("systemd-nspawn") is None:
+        log("SKIPPED the systemd-nspawn boot: systemd-nspawn not installed "
+            "(apt-get install systemd-container)")
+        return
+    pod_uid = str(uuid.uuid4())
+    vol = f"/var/lib/kubelet/pods/{pod_uid}/volumes/kubernetes.io~secret/db-credentials"
+    Path(root, vol.lstrip("/")).mkdir(parents=True)
+    Path(root, vol.lstrip("/"), "password").write_text("s3cret")
+    Path(root, "var/log/pods", f"default_db-0_{pod_uid}").mkdir(parents=True)
+    probe = Path(root, "usr/local/sbin/tapio-probe")
+    probe.write_text(PROBE)
+    probe.chmod(0o755)
+    Path(root, "etc/systemd/system/tapio-probe.service").write_text(PROBE_UNIT.format(vol=vol))
+    Path(root, "etc/systemd/system/multi-user.target.wants/tapio-probe.service").symlink_to(
+        "/etc/systemd/system/tapio-probe.service")
+    Path(root, "etc/hostname").write_text("tapio-deb-test\n")
+    Path(root, "tapio-probe.out").unlink(missing_ok=True)
+    # A private mount namespace holding a bpffs instance of our own for the
+    # container's /sys/fs/bpf; nspawn adds CAP_BPF/CAP_PERFMON and lets
+    # bpf()/perf_event_open() through its own seccomp filter. --keep-unit
+    # --register=no: no host systemd/machined needed.
+    script = ('D=$(mktemp -d); mount -t bpf bpf "$D"; exec systemd-nspawn -q -D "$1" -b '
+              '--register=no --keep-unit --capability=CAP_BPF,CAP_PERFMON,CAP_SYS_RESOURCE '
+              '"--system-call-filter=bpf perf_event_open" --bind="$D":/sys/fs/bpf '
+              '--bind-ro=/sys/kernel/tracing --bind-ro=/sys/kernel/btf')
+    argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-ec", script, "sh", str(root)]
+    log("booting the root with systemd-nspawn -b (about a minute: the probe waits out WatchdogSec)")
+    boot = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        console, _ = boot.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        boot.kill()  # by pid: the nspawn process; the container dies with it
+        console, _ = boot.communicate()
+    out_file = Path(root, "tapio-probe.out")
+    out = out_file.read_text() if out_file.exists() else ""
+    if "DONE" not in out:
+        raise Failure(f"the probe in the booted container did not finish:\n{out}\n"
+                      f"--- console (tail):\n{console[-3000:]}")
+    res = dict(line.split("=", 1) for line in out.splitlines() if "=" in line and line[:1].isupper()
+               and not line.startswith("LOG:"))
+    log("service log in the container:\n" + "\n".join(
+        "    " + ln[5:] for ln in out.splitlines() if ln.startswith("LOG: ")))
+    expect(res.get("ACTIVE") == "active", f"nspawn: tapio-node.service active (Type=notify) [{res.get('ACTIVE')}]")
+    journal = json.loads(res.get("JOURNAL") or "{}")
+    expect(journal.get("TAPIO_FILE") == "password" and journal.get("TAPIO_PROCESS_COMM") == "cat",
+           "nspawn: journalctl -u tapio-node TAPIO_CONFIG_NAME=db-credentials shows the read by cat")
+    expect(res.get("RELOAD") == "0" and res.get("MAINPID1") == res.get("MAINPID2"),
+           f"nspawn: systemctl reload keeps main pid {res.get('MAINPID1')}")
+    expect(res.get("ACTIVE2") == "active" and res.get("NRESTARTS") == "0",
+           f"nspawn: still active after WatchdogSec, NRestarts={res.get('NRESTARTS')}")
+    log(f"nspawn: status text: {res.get('STATUS')}")
+    log(f"nspawn: systemd-analyze security (online): {res.get('SECURITY')}")
+    expect(res.get("STOP") == "0" and res.get("RESULT") == "success",
+           f"nspawn: systemctl stop is clean (Result={res.get('RESULT')}, exit {res.get('EXITSTATUS')})")
+    Path(root, "etc/systemd/system/multi-user.target.wants/tapio-probe.service").unlink()
+
+
 def remove_and_purge(root):
     chroot(root, ["apt-get", "remove", "-y", "-q", "tapio-node"])
     expect(dpkg_status(root) == "rc", "after remove: dpkg state rc (config-files)")
@@ -394,6 +503,7 @@ def run_all():
         check_cli(root)
         check_daemon(root)
         check_unit(root)
+        check_nspawn(root)
         remove_and_purge(root)
     finally:
         remove_tree(root)
