@@ -202,7 +202,7 @@ def run_rounds(env, cfgs, rounds, raw, counts, tput, do_tput, scale_of, log, pro
                 extra = f"  hammer {tput[cfg.name][r]['opens_per_s']:,.0f} opens/s"
                 if "events" in tput[cfg.name][r]:
                     t = tput[cfg.name][r]
-                    extra += f" events {t['events']:,.0f}/{t['opens']:,} drops {t['drops']:,.0f}"
+                    extra += f" events {t['events']:,.0f}/{t['opens']:,} rb-overflow {t['drops']:,.0f}"
             log(f"  {cfg.name:15s} {cells} ns/op{extra}")
 
 

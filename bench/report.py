@@ -111,14 +111,16 @@ def targets(summary, tput, counts, extra):
         if c:
             out.append(check(f"{cfg} read_wat events missing (expected - delivered)",
                              c["expected"] - c["delivered"], 0, "<="))
-            out.append(check(f"{cfg} read_wat drops", c["drops"], 0, "<="))
+            out.append(check(f"{cfg} read_wat ring-buffer overflows (opens kept only as counts)",
+                             c["drops"], 0, "<="))
     t = tput.get("tapio-metrics", {})
     out.append(check("tapio-metrics events/s delivered (2 hammering processes)",
                      (t.get("events_per_s") or {}).get("median"), 300000, ">="))
     if "events_total" in t:
         out.append(check("tapio-metrics throughput events missing (opens - delivered)",
                          t["opens_total"] - t["events_total"], 0, "<="))
-        out.append(check("tapio-metrics throughput ring-buffer drops", t["drops_total"], 0, "<="))
+        out.append(check("tapio-metrics throughput ring-buffer overflows (opens kept only as counts)",
+                         t["drops_total"], 0, "<="))
     out.append(check("tapio-metrics daemon CPU per event", (t.get("tracer_cpu_us_per_event")
                                                             or {}).get("median"), 1.0, "<=", " us"))
     lat = extra.get("latency") or {}
@@ -143,10 +145,10 @@ def targets(summary, tput, counts, extra):
 
 
 WHY = {
-    "drops": "the kernel could not reserve ring-buffer space: the daemon drained records "
-             "slower than the workload produced them",
-    "missing": "opens without an event: ring-buffer drops, or records lost in user space "
-               "when it is more than the drops",
+    "drops": "the ring buffer was full (the daemon drained records slower than the workload "
+             "produced them): the kernel kept those opens only as per-process counts, "
+             "without their own timestamp and path",
+    "missing": "opens that reached no event and no overflow count: lost",
     "cpu": "user-space cost per record; see --profile for where it goes",
     "latency": "wake-up batching and the time to decode and write one event",
 }
@@ -164,7 +166,7 @@ def explain(ts, profile=None):
             continue
         name = t["target"]
         why = None
-        if "drops" in name:
+        if "overflows" in name:
             why = WHY["drops"]
         elif "missing" in name:
             why = WHY["missing"]
@@ -225,7 +227,7 @@ def fmt_other(r):
         line = f"  {name:15s} opens/s {_med(t, 'opens_per_s')}"
         if "events_total" in t:
             line += (f"  events/s {_med(t, 'events_per_s')}  events {t['events_total']:,.0f}"
-                     f"/{t['opens_total']:,} drops {t['drops_total']:,.0f}")
+                     f"/{t['opens_total']:,} rb-overflow {t['drops_total']:,.0f}")
         if "tracer_cpu_s" in t:
             line += f"  tracer CPU {_med(t, 'tracer_cpu_s', '{:.2f}')} s"
         if "tracer_cpu_us_per_event" in t:
@@ -234,7 +236,7 @@ def fmt_other(r):
             line += f"  RSS {_mb(t['tracer_rss_bytes']['median'])}"
         out.append(line)
     for name, c in r.get("event_counts", {}).items():
-        cells = "  ".join(f"{wl} {v['delivered']:,.0f}/{v['expected']:,} drops {v['drops']:,.0f}"
+        cells = "  ".join(f"{wl} {v['delivered']:,.0f}/{v['expected']:,} rb-overflow {v['drops']:,.0f}"
                           for wl, v in c.items())
         out.append(f"  events {name:15s} {cells}")
     for name, per_round in r.get("tracer_counts", {}).items():

@@ -46,12 +46,14 @@ def micro_args(env, workload, scale=1.0):
     return ["getpid", str(n)], 0
 
 
-def settle(cfg, base, expected, timeout=15.0, quiet_polls=4, give_up_polls=10):
+def settle(cfg, base, expected, timeout=15.0, quiet_polls=4, give_up_polls=60):
     """The counters once the daemon has caught up: `expected` more events
     and then no change for `quiet_polls` polls (so late and extra events
     count against this workload, not the next), or no change for
-    `give_up_polls` polls (events lost). Events arrive after the syscalls
-    return: counting too early would report false misses."""
+    `give_up_polls` polls (3 s: the daemon folds the kernel's ring-buffer
+    overflow counts back in once a second, over two map generations).
+    Events arrive after the syscalls return: counting too early would
+    report false misses."""
     t0 = time.monotonic()
     last, still = None, 0
     while True:
