@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -91,11 +92,29 @@ class Tapio(Config):
                 "--config", self.config_path, "--output", self.output]
         pipe = callable(self.stdout_target)
         self.log = open(self.log_path, "w")
+        # sd_notify as systemd would see it: time to READY=1 as well as /healthz
+        notify_path = self.config_path + ".notify"
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
+        self.ready_notify_s = None
         t0 = time.monotonic()
+
+        def on_notify():
+            try:
+                while self.ready_notify_s is None:
+                    msg = notify.recv(4096).decode(errors="replace")
+                    if "READY=1" in msg.split("\n"):
+                        self.ready_notify_s = time.monotonic() - t0
+            except OSError:
+                pass
+
+        threading.Thread(target=on_notify, daemon=True).start()
+        self.notify = notify
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if pipe else subprocess.DEVNULL,
-            stderr=self.log, cwd=env.repo, preexec_fn=procs.die_with_parent)
+            stderr=self.log, cwd=env.repo, preexec_fn=procs.die_with_parent,
+            env={**os.environ, "NOTIFY_SOCKET": notify_path})
         self.pid = self.proc.pid
         if pipe:
             self.reader = threading.Thread(target=self.stdout_target, args=(self.proc.stdout,),
@@ -147,6 +166,9 @@ class Tapio(Config):
             self.pid = None
             if getattr(self, "log", None):
                 self.log.close()
+            if getattr(self, "notify", None):
+                self.notify.close()
+                self.notify = None
             # the daemon should unpin on a clean exit; never leave ours behind
             if getattr(self, "pin", None) and os.path.exists(self.pin):
                 shutil.rmtree(self.pin, ignore_errors=True)

@@ -256,7 +256,9 @@ def fmt_other(r):
     st = r.get("startup")
     if st:
         out.append(f"start-up: {st['pods']} pods x 5 volumes x 3 keys ({st['tmpfs_mounts']} tmpfs): "
-                   f"ready in {st['ready_s']:.2f} s, RSS {_mb(st['rss_ready_bytes'])} at ready, "
+                   f"ready in {st['ready_s']:.2f} s (/healthz 200), "
+                   f"{'-' if st.get('ready_notify_s') is None else format(st['ready_notify_s'], '.2f')} s "
+                   f"(READY=1), RSS {_mb(st['rss_ready_bytes'])} at ready, "
                    f"{_mb(st['rss_after_2s_bytes'])} 2 s later")
     race = r.get("update_race")
     if race:
