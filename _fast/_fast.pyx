@@ -387,6 +387,7 @@ cdef struct Batch:
     char *recs            # cap slots of EXT_SIZE bytes, one per group
     Group *groups
     int32_t *table        # open addressing: group index or -1
+    uint32_t *slot_of     # group -> its table slot, to clear only those
     uint32_t *rec_group   # arrival order -> group
     uint64_t *rec_ts
     uint32_t cap
@@ -501,6 +502,7 @@ cdef int _add_record(Batch *b, const char *data, size_t size) noexcept nogil:
         g = b.ngroups
         b.ngroups += 1
         b.table[slot] = g
+        b.slot_of[g] = slot
         memcpy(b.recs + <size_t>g * EXT_SIZE, data, need)
         b.groups[g].hash = h if foldable else 0
         b.groups[g].first_ts = ts
@@ -548,9 +550,11 @@ cdef class RingReader:
         self.b.recs = <char *>malloc(<size_t>capacity * EXT_SIZE)
         self.b.groups = <Group *>calloc(capacity, sizeof(Group))
         self.b.table = <int32_t *>malloc(tsize * sizeof(int32_t))
+        self.b.slot_of = <uint32_t *>malloc(capacity * sizeof(uint32_t))
         self.b.rec_group = <uint32_t *>malloc(capacity * sizeof(uint32_t))
         self.b.rec_ts = <uint64_t *>malloc(capacity * sizeof(uint64_t))
-        if not (self.b.recs and self.b.groups and self.b.table and self.b.rec_group and self.b.rec_ts):
+        if not (self.b.recs and self.b.groups and self.b.table and self.b.slot_of
+                and self.b.rec_group and self.b.rec_ts):
             raise MemoryError()
         memset(self.b.table, 0xff, tsize * sizeof(int32_t))
         self.keep_timestamps = keep_timestamps
@@ -567,6 +571,7 @@ cdef class RingReader:
         free(self.b.recs)
         free(self.b.groups)
         free(self.b.table)
+        free(self.b.slot_of)
         free(self.b.rec_group)
         free(self.b.rec_ts)
 
@@ -631,7 +636,6 @@ cdef class RingReader:
         cdef const char *rec
         cdef list out = []
         cdef list stamps = None
-        cdef uint32_t tsize = b.tmask + 1
         if self.keep_timestamps and b.nrec:
             stamps = [[] for g in range(b.ngroups)]
             for i in range(b.nrec):
@@ -658,7 +662,8 @@ cdef class RingReader:
                             _cstr(s.comm, TAPIO_COMM_LEN), s.nr,
                             b.groups[g].count, b.groups[g].first_ts,
                             b.groups[g].last_ts, ts_list))
-        memset(b.table, 0xff, tsize * sizeof(int32_t))
+        for g in range(b.ngroups):
+            b.table[b.slot_of[g]] = -1
         b.nrec = 0
         b.ngroups = 0
         b.full = 0

@@ -22,7 +22,9 @@ log = logging.getLogger("tapio_node.daemon")
 # Adaptive wake-ups: below this rate the kernel wakes us per record (low
 # latency); above it only once WAKEUP_BYTES are pending, and we poll with
 # a short timeout so nothing waits longer than BUSY_POLL_MS.
-BUSY_RATE = 4000.0
+BUSY_RATE = 2000.0
+IDLE_RATE = 500.0
+RATE_WINDOW = 0.05
 BUSY_POLL_MS = 2
 IDLE_POLL_MS = 250
 PERIODIC_SECONDS = 1.0
@@ -87,6 +89,8 @@ class Daemon:
         self._reload = False
         self._rate = 0.0
         self._busy = False
+        self._recent = 0
+        self._recent_start = time.monotonic()
         self._win_start = time.monotonic()
         self._win_count = 0
         self._sig_r = self._sig_w = None
@@ -312,13 +316,32 @@ class Daemon:
 
     def _drain(self) -> None:
         reader = self.reader
+        got = 0
         while True:
             n = reader.consume()
+            got += n
             if reader.pending:
                 self._process(reader.take())
             if not reader.full and n == 0:
                 break
         self.sink.flush()
+        self._adapt(got)
+
+    def _adapt(self, records: int) -> None:
+        """Switch wake-ups within RATE_WINDOW of a change in load: per record
+        when quiet (latency), batched when busy (a wake-up costs more than
+        the record)."""
+        self._recent += records
+        now = time.monotonic()
+        span = now - self._recent_start
+        if span < RATE_WINDOW:
+            return
+        rate = self._recent / span
+        self._recent, self._recent_start = 0, now
+        busy = rate > BUSY_RATE if not self._busy else rate > IDLE_RATE
+        if busy != self._busy:
+            self._busy = busy
+            self.kernel.set_wakeup_bytes(self.kc.ring_buffer_size // 8 if busy else 0)
 
     def _periodic(self, now: float) -> None:
         self.clock.refresh()
@@ -326,10 +349,6 @@ class Daemon:
         if span > 0:
             self._rate = self._win_count / span
         self._win_start, self._win_count = now, 0
-        busy = self._rate > BUSY_RATE
-        if busy != self._busy:
-            self._busy = busy
-            self.kernel.set_wakeup_bytes(self.kc.ring_buffer_size // 8 if busy else 0)
         self._drain_overflow()
         self.sink.tick(now)
         self.volumes.prune_graveyard()

@@ -140,6 +140,7 @@ class Metrics:
                                 f"Label sets refused by the cardinality guard (counted under {OVERFLOW})", registry=r)
         self._series: set[tuple] = set()
         self._refused: set[tuple] = set()
+        self._children: dict[tuple, object] = {}
         self._state_fn: Callable[[], DaemonState] | None = None
         r.register(_StateCollector(self))
 
@@ -151,23 +152,32 @@ class Metrics:
         kind = _ACCESS_KIND.get(event_type)
         if kind is None:
             raise ValueError(f"unknown access event type {event_type!r}; expected one of {sorted(_ACCESS_KIND)}")
-        labels = self._guard(kind, (namespace or "", name or ""))
-        self._access[kind].labels(*labels).inc(count)
+        self._child(kind, self._access[kind], (namespace or "", name or "")).inc(count)
         if cross_pod:
             self.cross_pod(namespace, kind, count)
 
     def cross_pod(self, namespace: str | None, kind: str, count: int = 1) -> None:
         """Count opens of `kind` ("configmap", "secret", "projected") by a process of another pod."""
-        self._cross_pod.labels(*self._guard("cross_pod", (namespace or "", kind))).inc(count)
+        self._child("cross_pod", self._cross_pod, (namespace or "", kind)).inc(count)
 
     def latency(self, seconds: float) -> None:
         self._latency.observe(seconds)
 
     def processing(self, event_type: str, seconds: float) -> None:
-        self._processing.labels(*self._guard("processing", (event_type,))).observe(seconds)
+        self._child("processing", self._processing, (event_type,)).observe(seconds)
 
     def correlation(self, operation: str, n: int = 1) -> None:
-        self._correlation.labels(*self._guard("correlation", (operation,))).inc(n)
+        self._child("correlation", self._correlation, (operation,)).inc(n)
+
+    def _child(self, metric: str, family, labels: tuple):
+        """The labelled child, cached: labels() costs a lock and a dict
+        build per call, and the daemon counts per folded group."""
+        child = self._children.get((metric, labels))
+        if child is None:
+            child = family.labels(*self._guard(metric, labels))
+            if len(self._children) < 4 * self.max_series:
+                self._children[(metric, labels)] = child
+        return child
 
     def resync(self, reason: str, discrepancies: int = 0) -> None:
         self._resyncs.labels(*self._guard("resync", (reason,))).inc()
