@@ -468,9 +468,14 @@ def check_nspawn(root, timeout_s=300):
 
 
 def remove_and_purge(root):
+    # An admin's edit must survive remove (dpkg keeps modified conffiles).
+    conf = Path(root, CONFFILE.lstrip("/"))
+    edit = "# local edit by test_deb\n"
+    conf.write_text(conf.read_text() + edit)
     chroot(root, ["apt-get", "remove", "-y", "-q", "tapio-node"])
     expect(dpkg_status(root) == "rc", "after remove: dpkg state rc (config-files)")
-    expect(Path(root, CONFFILE.lstrip("/")).is_file(), f"after remove: {CONFFILE} kept")
+    expect(conf.is_file() and conf.read_text().endswith(edit),
+           f"after remove: {CONFFILE} kept, with the admin's edit")
     expect(not Path(root, UNIT.lstrip("/")).exists(), f"after remove: {UNIT} gone")
     expect(not Path(root, "usr/bin/tapio-node").exists(), "after remove: /usr/bin/tapio-node gone")
     left = listing(root, VENV)
