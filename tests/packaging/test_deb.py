@@ -337,6 +337,9 @@ def check_daemon(root, deadline_s=120.0):
             if event.get("event_type") == "secret_access":
                 break
         log(f"event: {json.dumps(event)[:300]}")
+        rss = [ln for ln in Path(f"/proc/{daemon.pid}/status").read_text().splitlines()
+               if ln.startswith("VmRSS")]
+        log(f"daemon {rss[0] if rss else 'VmRSS unknown'} (the unit's MemoryMax=256M)")
         expect(event.get("pod_uid") == pod_uid, "event names the pod uid")
         expect(event.get("volume_name") == "db-credentials", "event names the volume")
         expect(event.get("file") == "password", "event names the file")
@@ -352,6 +355,15 @@ def check_daemon(root, deadline_s=120.0):
         reader.join(timeout=5)
     log(f"tapio-node run stopped with exit {daemon.returncode} on SIGTERM")
     expect(daemon.returncode == 0, "tapio-node run exits 0 on SIGTERM")
+
+
+def reinstall(root, deb):
+    """Maintainer scripts must be idempotent: a second configure changes nothing."""
+    conf = Path(root, CONFFILE.lstrip("/")).read_bytes()
+    chroot(root, ["apt-get", "install", "-y", "-q", "--reinstall", f"/tmp/{deb.name}"])
+    expect(dpkg_status(root) == "ii", "reinstall: still installed (ii)")
+    expect(Path(root, CONFFILE.lstrip("/")).read_bytes() == conf, "reinstall: conffile untouched")
+    expect(Path(root, WANTS.lstrip("/")).is_symlink(), "reinstall: still enabled")
 
 
 def check_unit(root):
@@ -386,6 +398,7 @@ echo "ACTIVE2=$(state)"
 echo "MAINPID2=$(systemctl show -P MainPID tapio-node)"
 echo "NRESTARTS=$(systemctl show -P NRestarts tapio-node)"
 echo "STATUS=$(systemctl show -P StatusText tapio-node)"
+echo "MEMORY=$(systemctl show -P MemoryCurrent tapio-node)"
 echo "SECURITY=$(systemd-analyze security tapio-node.service 2>&1 | tail -n 1)"
 systemctl stop tapio-node; echo "STOP=$?"
 echo "RESULT=$(systemctl show -P Result tapio-node)"
@@ -460,7 +473,7 @@ def check_nspawn(root, timeout_s=300):
            f"nspawn: systemctl reload keeps main pid {res.get('MAINPID1')}")
     expect(res.get("ACTIVE2") == "active" and res.get("NRESTARTS") == "0",
            f"nspawn: still active after WatchdogSec, NRestarts={res.get('NRESTARTS')}")
-    log(f"nspawn: status text: {res.get('STATUS')}")
+    log(f"nspawn: status text: {res.get('STATUS')}; MemoryCurrent={res.get('MEMORY')}")
     log(f"nspawn: systemd-analyze security (online): {res.get('SECURITY')}")
     expect(res.get("STOP") == "0" and res.get("RESULT") == "success",
            f"nspawn: systemctl stop is clean (Result={res.get('RESULT')}, exit {res.get('EXITSTATUS')})")
@@ -510,6 +523,7 @@ def run_all():
         check_cli(root)
         check_daemon(root)
         check_unit(root)
+        reinstall(root, deb)
         check_nspawn(root)
         remove_and_purge(root)
     finally:
