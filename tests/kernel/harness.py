@@ -26,7 +26,7 @@ class TapioProcess:
         child_env = dict(os.environ if env is None else env)
         child_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + child_env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tapio_node", "run", "--config", config_path,
+            [sys.executable, "-m", "tapio_node", "--log-level", os.environ.get("TAPIO_LOG_LEVEL", "info"), "run", "--config", config_path,
              "--output", output, *(extra_args or [])],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env)
         self.lines: list[dict] = []
