@@ -51,6 +51,20 @@ struct {
 } watched_inodes SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, TAPIO_DEV_FILTER_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} dev_filter SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, TAPIO_INO_FILTER_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} ino_filter SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
 	__type(key, __u32);
@@ -99,6 +113,23 @@ struct {
 	__type(key, __u64);
 	__type(value, __u64);
 } pending_opens SEC(".maps");
+
+/* Array lookups are inlined by the verifier: a few instructions. */
+static __always_inline bool maybe_dev(__u32 dev)
+{
+	__u32 slot = dev % TAPIO_DEV_FILTER_SLOTS;
+	__u32 *n = bpf_map_lookup_elem(&dev_filter, &slot);
+
+	return n && *n;
+}
+
+static __always_inline bool maybe_ino(__u64 ino)
+{
+	__u32 slot = ino % TAPIO_INO_FILTER_SLOTS;
+	__u32 *n = bpf_map_lookup_elem(&ino_filter, &slot);
+
+	return n && *n;
+}
 
 static __always_inline void count(__u32 idx)
 {
@@ -231,6 +262,8 @@ static __always_inline int on_open_exit(long ret, __u32 op, int path_arg)
 	inode = file->f_inode;
 	key.dev = inode->i_sb->s_dev;
 	/* Most opens are on devices that hold no watched volume. */
+	if (!maybe_dev(key.dev))
+		return 0;
 	dev = bpf_map_lookup_elem(&watched_devs, &key.dev);
 	if (!dev)
 		return 0;
@@ -240,7 +273,7 @@ static __always_inline int on_open_exit(long ret, __u32 op, int path_arg)
 	if (dev->flags & TAPIO_DEV_USE_GEN)
 		key.gen = inode->i_generation;
 
-	hit = bpf_map_lookup_elem(&watched_inodes, &key);
+	hit = maybe_ino(key.ino) ? bpf_map_lookup_elem(&watched_inodes, &key) : NULL;
 	if (hit) {
 		watch = *hit;
 	} else if (dev->flags & TAPIO_DEV_WHOLE) {
@@ -250,25 +283,31 @@ static __always_inline int on_open_exit(long ret, __u32 op, int path_arg)
 		flags |= TAPIO_F_BY_DEV;
 	} else if (dev->flags & TAPIO_DEV_WALK) {
 		struct tapio_inode_key dkey = { .dev = key.dev };
-		struct dentry *d = BPF_CORE_READ(file, f_path.dentry);
+		struct dentry *d = file->f_path.dentry;
 		struct dentry *parent;
 		struct inode *pi;
 		__u32 *vol;
 
+		/* Direct loads and the inode filter keep this cheap for the
+		 * shared disk's other files; a hash lookup only on a filter hit. */
 #pragma unroll
 		for (int i = 0; i < TAPIO_DNAMES; i++) {
-			parent = BPF_CORE_READ(d, d_parent);
-			if (parent == d)
+			parent = d->d_parent;
+			if (!parent || parent == d)
 				break;
-			pi = BPF_CORE_READ(parent, d_inode);
-			dkey.ino = BPF_CORE_READ(pi, i_ino);
-			if (dev->flags & TAPIO_DEV_USE_GEN)
-				dkey.gen = BPF_CORE_READ(pi, i_generation);
-			vol = bpf_map_lookup_elem(&watched_dirs, &dkey);
-			if (vol) {
-				watch.volume_id = *vol;
-				flags |= TAPIO_F_BY_DIR;
+			pi = parent->d_inode;
+			if (!pi)
 				break;
+			dkey.ino = pi->i_ino;
+			if (maybe_ino(dkey.ino)) {
+				if (dev->flags & TAPIO_DEV_USE_GEN)
+					dkey.gen = pi->i_generation;
+				vol = bpf_map_lookup_elem(&watched_dirs, &dkey);
+				if (vol) {
+					watch.volume_id = *vol;
+					flags |= TAPIO_F_BY_DIR;
+					break;
+				}
 			}
 			d = parent;
 		}

@@ -37,6 +37,12 @@
 #define TAPIO_DEV_WHOLE 0x2     /* every file on the device is one volume */
 #define TAPIO_DEV_WALK 0x4      /* walk parents to a watched volume dir */
 
+/* Filters in front of the hash maps: an unwatched open is rejected by an
+ * inlined array read instead of a hash lookup. Slots count the watched
+ * devices / inodes (files and volume dirs) that fall in them. */
+#define TAPIO_DEV_FILTER_SLOTS 1024
+#define TAPIO_INO_FILTER_SLOTS 65536
+
 /* counters (index into the per-CPU stats map) */
 #define TAPIO_STAT_DROPS 0      /* ring buffer reservation failed */
 #define TAPIO_STAT_HITS 1       /* watched opens seen */

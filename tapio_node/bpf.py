@@ -102,7 +102,7 @@ class Kernel:
                     self.obj.attach(name)
             self.maps = {name: self.obj.map(name) for name in (
                 "watched_inodes", "watched_devs", "watched_dirs", "pod_info_map",
-                "container_pids", "stats", "overflow_counts")}
+                "container_pids", "stats", "overflow_counts", "dev_filter", "ino_filter")}
             if pin_path:
                 self._pin(pin_path)
         except BaseException:

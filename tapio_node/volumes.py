@@ -101,6 +101,8 @@ class VolumeIndex:
         self._dev_use_gen: dict[int, bool] = {}
         self._walk_devs: dict[int, set[int]] = {}     # shared dev -> volume ids
         self._wd: dict[int, tuple] = {}
+        self._present: dict[str, set[bytes]] = {}
+        self._filter_counts: dict[str, dict[int, int]] = {}
         self._skipped: set[str] = set()
         self.inotify = INotify()
         self.overflows = 0
@@ -141,12 +143,41 @@ class VolumeIndex:
         return wire.DEV_USE_GEN if self._dev_use_gen.get(dev) else 0
 
     def _map_put(self, name: str, key: bytes, value: bytes) -> None:
-        if self.maps is not None:
-            self.maps[name].update(key, value)
+        if self.maps is None:
+            return
+        present = self._present.setdefault(name, set())
+        if key not in present:
+            # Filter first, so the kernel never misses an entry it has.
+            self._filter(name, key, +1)
+            present.add(key)
+        self.maps[name].update(key, value)
 
     def _map_del(self, name: str, key: bytes) -> None:
-        if self.maps is not None:
-            self.maps[name].delete(key)
+        if self.maps is None:
+            return
+        self.maps[name].delete(key)
+        present = self._present.get(name)
+        if present is not None and key in present:
+            present.discard(key)
+            self._filter(name, key, -1)
+
+    def _filter(self, name: str, key: bytes, delta: int) -> None:
+        """Keep the kernel's filter arrays (dev_filter, ino_filter) counting
+        the watched devices and inodes that fall in each slot."""
+        if name == "watched_devs":
+            fmap, slot = "dev_filter", wire.U32.unpack(key)[0] % wire.DEV_FILTER_SLOTS
+        else:
+            fmap, slot = "ino_filter", wire.INODE_KEY.unpack(key)[2] % wire.INO_FILTER_SLOTS
+        if fmap not in self.maps:
+            return
+        counts = self._filter_counts.setdefault(fmap, {})
+        n = counts.get(slot, 0) + delta
+        if n > 0:
+            counts[slot] = n
+        else:
+            counts.pop(slot, None)
+            n = 0
+        self.maps[fmap].update(wire.U32.pack(slot), wire.U32.pack(n))
 
     def _attach_dev(self, vol: Volume) -> None:
         if vol.whole_dev:

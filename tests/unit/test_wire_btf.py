@@ -57,3 +57,19 @@ def test_pod_info_field_offsets(btf_structs):
     assert members["pod_name"] == wire.UID_LEN + wire.NAME_LEN
     assert members["container_id"] == wire.UID_LEN + wire.NAME_LEN + wire.POD_NAME_LEN
     assert members["created_at"] == members["container_id"] + wire.CONTAINER_ID_LEN
+
+
+def test_header_constants_match_the_mirror(repo_root):
+    import os
+    import re
+
+    with open(os.path.join(repo_root, "bpf", "tapio.h")) as fh:
+        defs = dict(re.findall(r"#define (TAPIO_\w+) (0x[0-9a-f]+|\d+)", fh.read()))
+    value = {k: int(v, 0) for k, v in defs.items()}
+    assert value["TAPIO_DEV_FILTER_SLOTS"] == wire.DEV_FILTER_SLOTS
+    assert value["TAPIO_INO_FILTER_SLOTS"] == wire.INO_FILTER_SLOTS
+    assert value["TAPIO_STAT_MAX"] == wire.STAT_MAX
+    assert value["TAPIO_F_BY_DEV"] == wire.F_BY_DEV and value["TAPIO_F_BY_DIR"] == wire.F_BY_DIR
+    assert value["TAPIO_F_UNLINKED"] == wire.F_UNLINKED
+    assert value["TAPIO_DEV_WALK"] == wire.DEV_WALK and value["TAPIO_DEV_WHOLE"] == wire.DEV_WHOLE
+    assert value["TAPIO_PATH_LEN"] == wire.PATH_LEN and value["TAPIO_COMM_LEN"] == wire.COMM_LEN
