@@ -40,7 +40,7 @@ struct tapio_syscall *btf_anchor_syscall __attribute__((unused));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 8 << 20);  /* resized from ring_buffer_size */
+	__uint(max_entries, 4 << 20);  /* resized from ring_buffer_size */
 } events SEC(".maps");
 
 struct {

@@ -72,7 +72,7 @@ def explain_unavailable() -> str | None:
 class Kernel:
     """Loaded and attached tapio.bpf.o, its maps and its ring buffer."""
 
-    def __init__(self, *, ring_buffer_size: int = 8 << 20, sampling_rate: int = 0,
+    def __init__(self, *, ring_buffer_size: int = 4 << 20, sampling_rate: int = 0,
                  pod_correlation: bool = True, pin_path: str | None = None,
                  force_enter_stash: bool = False):
         from tapio_node import _fast  # import here: tests of pure parts need no build

@@ -25,16 +25,18 @@ log = logging.getLogger("tapio_node.daemon")
 # us drain after every record); we drain every BUSY_POLL_MS instead.
 # Draining rarely, in big batches, matters more than it seems: measured
 # here, a reader draining continuously made each watched open cost the
-# opener ~4-5 us in the kernel, against 0.7 us when it drains every ~20 ms
+# opener ~4-5 us in the kernel, against 0.7 us when it drains every 10-20 ms
 # (cross-core cache traffic on the records).
 BUSY_RATE = 2000.0
 IDLE_RATE = 500.0
 RATE_WINDOW = 0.01
-BUSY_POLL_MS = 20
+BUSY_POLL_MS = 10
 # A wake-up threshold the ring never reaches: BPF_RB_NO_WAKEUP always.
 NEVER_WAKE = 0xFFFFFFFF
 IDLE_POLL_MS = 250
 PERIODIC_SECONDS = 1.0
+# Overflow counts are drained one flip after they were written: this often.
+OVERFLOW_SECONDS = 0.25
 RESTART_KEYS = ("ring_buffer_size", "pin_path", "listen_address", "syscall_sampling_rate",
                 "enable_ebpf", "enable_pod_correlation", "kubelet_pods_path", "cgroup_root",
                 "pod_logs_path", "kubeconfig", "node_name", "static_pods_path", "buffer_size")
@@ -286,6 +288,7 @@ class Daemon:
     # -- the loop ----------------------------------------------------------
     def run(self) -> int:
         next_periodic = time.monotonic()
+        next_overflow = next_periodic + OVERFLOW_SECONDS
         next_resync = time.monotonic() + self.kc.resync_interval
         watchdog = self.notifier.watchdog_interval()
         next_watchdog = time.monotonic()
@@ -293,7 +296,7 @@ class Daemon:
             now = time.monotonic()
             self.heartbeat = now
             timeout_ms = BUSY_POLL_MS if self._busy else IDLE_POLL_MS
-            timeout_ms = min(timeout_ms, max(0, int((next_periodic - now) * 1000)))
+            timeout_ms = min(timeout_ms, max(0, int((min(next_periodic, next_overflow) - now) * 1000)))
             try:
                 ready = self._epoll.poll(timeout_ms / 1000.0)
             except InterruptedError:
@@ -313,6 +316,9 @@ class Daemon:
             if watchdog and now >= next_watchdog:
                 self.notifier.watchdog()
                 next_watchdog = now + watchdog
+            if now >= next_overflow:
+                next_overflow = now + OVERFLOW_SECONDS
+                self._drain_overflow()
             if now >= next_periodic:
                 next_periodic = now + PERIODIC_SECONDS
                 self._periodic(now)
@@ -359,7 +365,6 @@ class Daemon:
         if span > 0:
             self._rate = self._win_count / span
         self._win_start, self._win_count = now, 0
-        self._drain_overflow()
         self.sink.tick(now)
         self.volumes.prune_graveyard()
         self._set_status()

@@ -471,16 +471,22 @@ def api_config(
     Order: the configured kubeconfig (default: the kubelet's own), then the
     in-cluster service account. Raises SourceError saying what was tried.
     """
-    try:
-        from lightkube.config.kubeconfig import KubeConfig
-        from lightkube.core.exceptions import ConfigError
-    except ImportError as e:
-        raise SourceError(f"cannot use the Kubernetes API: the lightkube package is missing ({e})", "no_client") from e
+    def client_lib():
+        # Imported only once there are credentials to use: lightkube and
+        # httpx are a third of the daemon's memory otherwise.
+        try:
+            from lightkube.config.kubeconfig import KubeConfig
+            from lightkube.core.exceptions import ConfigError
+        except ImportError as e:
+            raise SourceError(f"cannot use the Kubernetes API: the lightkube package is missing ({e})",
+                              "no_client") from e
+        return KubeConfig, ConfigError
 
     tried = []
     if in_cluster is not True:
         path = kubeconfig or DEFAULT_KUBECONFIG
         if os.access(path, os.R_OK):
+            KubeConfig, ConfigError = client_lib()
             try:
                 with open(path, "rb") as f:
                     doc = yaml.safe_load(f)
@@ -499,6 +505,7 @@ def api_config(
         elif not os.access(os.path.join(service_account_dir, "token"), os.R_OK):
             tried.append(f"in-cluster: no service account token in {service_account_dir}")
         else:
+            KubeConfig, ConfigError = client_lib()
             try:
                 cfg = KubeConfig.from_service_account(service_account=service_account_dir).get()
                 return cfg, f"in-cluster service account ({service_account_dir})"

@@ -55,6 +55,12 @@ class StdoutSink:
                 self._pending -= len(data)
                 self._cond.notify_all()
 
+    def _writable(self) -> bool:
+        try:
+            return bool(select.select([], [self.fd], [], 0)[1])
+        except (OSError, ValueError):
+            return False
+
     def _write_all(self, data: bytes) -> None:
         off = 0
         while off < len(data):
@@ -85,6 +91,16 @@ class StdoutSink:
         if not self._buf:
             return
         data, self._buf = bytes(self._buf), bytearray()
+        if not self._pending and len(data) <= select.PIPE_BUF and self._writable():
+            # Quiet times: write now rather than wake the writer thread
+            # (latency); at most PIPE_BUF bytes to a writable fd cannot block.
+            try:
+                n = os.write(self.fd, data)
+            except BlockingIOError:
+                n = 0
+            data = data[n:]
+            if not data:
+                return
         with self._cond:
             while self._pending > self.max_pending and self._thread.is_alive():
                 self._cond.wait(1.0)

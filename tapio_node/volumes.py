@@ -57,7 +57,7 @@ class MountInfo(msgspec.Struct, frozen=True):
             raise ValueError(f"MountInfo.pod_uid {self.pod_uid!r}: expected a pod UID")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Volume:
     id: int
     pod_uid: str
@@ -74,7 +74,7 @@ class Volume:
     wds: set[int] = field(default_factory=set)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class WatchedFile:
     id: int
     volume: Volume
