@@ -366,6 +366,9 @@ class Daemon:
             self._rate = self._win_count / span
         self._win_start, self._win_count = now, 0
         self.sink.tick(now)
+        if not self.volumes.root_present:
+            # The kubelet has not made its pods dir yet: look again.
+            self.volumes.scan_all()
         self.volumes.prune_graveyard()
         self._set_status()
         self.notifier.status(self.status_text)

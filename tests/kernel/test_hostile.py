@@ -1,0 +1,83 @@
+"""Odd and hostile things under the kubelet pods dir: skipped with a log
+line, never followed out of the tree, never a crash (issue 4 item 6)."""
+import json
+import os
+import shutil
+import time
+import uuid
+
+import pytest
+
+from harness import daemon_factory  # noqa: F401  (fixture)
+from tapio_node.simulate import VolumeSpec
+
+pytestmark = pytest.mark.kernel
+
+
+def test_pods_dir_that_appears_later_is_waited_for(sim_node, daemon_factory, tmp_path):
+    pods = str(tmp_path / "kubelet" / "pods")
+    cfg = sim_node.write_config(kubelet_pods_path=pods)
+    d = daemon_factory(cfg)
+    assert any("does not exist yet" in line for line in d.stderr)
+    # The kubelet starts: its pods dir and a pod with a secret appear.
+    uid = str(uuid.uuid4())
+    vol = os.path.join(pods, uid, "volumes", "kubernetes.io~secret", "token")
+    os.makedirs(vol)
+    with open(os.path.join(vol, "key"), "w") as fh:
+        fh.write("v")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if json.loads(d.get("/healthz")[1]).get("watched_volumes") == 1:
+            break
+        time.sleep(0.1)
+    with open(os.path.join(vol, "key")) as fh:
+        fh.read()
+    got = d.wait_events(1, pred=lambda e: e["pod_uid"] == uid)
+    assert got and got[0]["file"] == "key"
+
+
+def test_hostile_names_and_symlinks_are_skipped(sim_node, daemon_factory, tmp_path):
+    good = sim_node.add_pod("shop", "web-0", [VolumeSpec("secret", "certs", {"k": b"v"})],
+                           service_account=False)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shadow").write_text("not yours")
+    pods = sim_node.pods_path
+    # A dir that is not a pod UID, with a volume inside.
+    bad_uid = os.path.join(pods, "not-a-uid", "volumes", "kubernetes.io~secret", "s")
+    os.makedirs(bad_uid)
+    (open(os.path.join(bad_uid, "k"), "w")).write("x")
+    # A pod whose volume dir is a symlink out of the tree.
+    uid = str(uuid.uuid4())
+    plugin = os.path.join(pods, uid, "volumes", "kubernetes.io~secret")
+    os.makedirs(plugin)
+    os.symlink(str(outside), os.path.join(plugin, "escape"))
+    # A volume whose payload dir and a key are symlinks out of the tree.
+    vol = os.path.join(plugin, "tricky")
+    os.makedirs(vol)
+    os.symlink(str(outside), os.path.join(vol, "..2026_01_01_00_00_00.1"))
+    os.symlink("..2026_01_01_00_00_00.1", os.path.join(vol, "..data"))
+    os.symlink(str(outside / "shadow"), os.path.join(vol, "shadow"))
+    # Names that are not DNS-1123 labels, one of 253 characters.
+    for name in ("Upper_Case", "x" * 253):
+        os.makedirs(os.path.join(plugin, name))
+        (open(os.path.join(plugin, name, "k"), "w")).write("x")
+    d = daemon_factory(sim_node.write_config())
+    health = json.loads(d.get("/healthz")[1])
+    assert health["status"] == "healthy"
+    assert health["watched_volumes"] == 2  # certs and the (empty) tricky volume
+    log = "".join(d.stderr)
+    assert "not-a-uid" in log and "not a pod UID" in log
+    assert "DNS-1123" in log
+    # Reading the file outside the tree through every symlink: no event.
+    for path in (os.path.join(plugin, "escape", "shadow"), os.path.join(vol, "shadow"),
+                 str(outside / "shadow"), os.path.join(bad_uid, "k")):
+        with open(path) as fh:
+            fh.read()
+    ctr = good.add_container("app")
+    marker = ctr.start_reader("/run/secrets/certs/k").wait()
+    d.wait_events(1, pred=lambda e: e["process"]["pid"] == marker["pid"])
+    d.settle()
+    assert {e["volume_name"] for e in d.lines} == {"certs"}
+    assert d.proc.poll() is None
+    shutil.rmtree(os.path.join(pods, "not-a-uid"))
