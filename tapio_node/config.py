@@ -43,7 +43,7 @@ class KernelCollector(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cgroup_root: str = "auto"
     listen_address: str = "127.0.0.1:9717"
     pin_path: str = "/sys/fs/bpf/tapio"
-    # 4 MiB holds ~10 ms of 1M opens/s, so the reader can drain in big
+    # 4 MiB holds ~20 ms of 600k opens/s, so the reader can drain in big
     # batches under load (see daemon.BUSY_POLL_MS). It is mapped into the
     # daemon, so it counts in its RSS.
     ring_buffer_size: int = 4 << 20

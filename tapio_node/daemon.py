@@ -30,7 +30,7 @@ log = logging.getLogger("tapio_node.daemon")
 BUSY_RATE = 2000.0
 IDLE_RATE = 500.0
 RATE_WINDOW = 0.01
-BUSY_POLL_MS = 10
+BUSY_POLL_MS = 20
 # A wake-up threshold the ring never reaches: BPF_RB_NO_WAKEUP always.
 NEVER_WAKE = 0xFFFFFFFF
 IDLE_POLL_MS = 250
