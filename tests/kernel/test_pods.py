@@ -18,34 +18,9 @@ import uuid
 import pytest
 
 from tapio_node.pods import Accessor, PodInfo, PodRegistry, detect_cgroup_root, unpack_pod_info
+from tests.fakes import FakeMaps
 
 pytestmark = pytest.mark.kernel
-
-class FakeMaps:
-    """KernelMaps' methods over dicts, for tests that do not load BPF."""
-
-    def __init__(self):
-        self.pod_info, self.pids = {}, {}
-
-    def put_pod_info(self, cgroup_id, info):
-        from tapio_node.pods import pack_pod_info
-        self.pod_info[cgroup_id] = pack_pod_info(info)
-
-    def delete_pod_info(self, cgroup_id):
-        del self.pod_info[cgroup_id]
-
-    def put_container_pid(self, pid, cgroup_id):
-        self.pids[pid] = cgroup_id
-
-    def delete_container_pid(self, pid):
-        del self.pids[pid]
-
-    def pod_info_items(self):
-        return list(self.pod_info.items())
-
-    def container_pid_items(self):
-        return list(self.pids.items())
-
 
 class Node:
     """A unique cgroup v2 dir plus logs/kubelet dirs; tracks what to undo."""

@@ -14,6 +14,7 @@ import pytest
 from tapio_node import pods
 from tapio_node.pods import (Accessor, PodInfo, PodRegistry, parse_cgroup_path, parse_log_dir,
                              pack_pod_info, unpack_pod_info)
+from tests.fakes import FakeMaps
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UID = "1b2c3d4e-5f60-4718-9a0b-0c1d2e3f4a5b"
@@ -161,32 +162,6 @@ def test_pod_info_minimal_and_qos_numbers():
 
 
 # ---------------------------------------------------------------- registry on a dir tree
-
-class FakeMaps:
-    """Same methods as tapio_node.bpf.KernelMaps, over dicts."""
-
-    def __init__(self):
-        self.pod_info: dict[int, bytes] = {}
-        self.pids: dict[int, int] = {}
-
-    def put_pod_info(self, cgroup_id, info):
-        self.pod_info[cgroup_id] = pack_pod_info(info)
-
-    def delete_pod_info(self, cgroup_id):
-        del self.pod_info[cgroup_id]
-
-    def put_container_pid(self, pid, cgroup_id):
-        self.pids[pid] = cgroup_id
-
-    def delete_container_pid(self, pid):
-        del self.pids[pid]
-
-    def pod_info_items(self):
-        return list(self.pod_info.items())
-
-    def container_pid_items(self):
-        return list(self.pids.items())
-
 
 class FakeMetrics:
     def __init__(self):

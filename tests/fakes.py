@@ -1,0 +1,29 @@
+"""Test doubles shared by unit and kernel tests."""
+from tapio_node.pods import pack_pod_info
+
+
+class FakeMaps:
+    """tapio_node.bpf.KernelMaps' methods over dicts, for tests that do not
+    load BPF."""
+
+    def __init__(self):
+        self.pod_info: dict[int, bytes] = {}
+        self.pids: dict[int, int] = {}
+
+    def put_pod_info(self, cgroup_id, info):
+        self.pod_info[cgroup_id] = pack_pod_info(info)
+
+    def delete_pod_info(self, cgroup_id):
+        del self.pod_info[cgroup_id]
+
+    def put_container_pid(self, pid, cgroup_id):
+        self.pids[pid] = cgroup_id
+
+    def delete_container_pid(self, pid):
+        del self.pids[pid]
+
+    def pod_info_items(self):
+        return list(self.pod_info.items())
+
+    def container_pid_items(self):
+        return list(self.pids.items())
