@@ -1,4 +1,8 @@
-"""The event JSON: the seed's fields, grown as the issues spell out."""
+"""The event JSON: the seed's fields, grown as the issues spell out.
+
+Events hold only strings, numbers and each other (no cycles), so they are
+not tracked by the garbage collector (gc=False): one per folded group
+would otherwise drive collections on the hot path."""
 from __future__ import annotations
 
 import time
@@ -17,7 +21,7 @@ KIND_EVENT_TYPE = {
 }
 
 
-class ProcessInfo(msgspec.Struct, kw_only=True):
+class ProcessInfo(msgspec.Struct, kw_only=True, gc=False):
     pid: int
     command: str
     cgroup_id: int
@@ -29,12 +33,12 @@ class ProcessInfo(msgspec.Struct, kw_only=True):
     role: str | None = None
 
 
-class Workload(msgspec.Struct):
+class Workload(msgspec.Struct, gc=False):
     kind: str
     name: str
 
 
-class AccessEvent(msgspec.Struct, kw_only=True):
+class AccessEvent(msgspec.Struct, kw_only=True, gc=False):
     event_type: str
     timestamp: str
     pod_uid: str
@@ -60,7 +64,7 @@ class AccessEvent(msgspec.Struct, kw_only=True):
     overflow: bool = False              # counted in the kernel while the ring buffer was full
 
 
-class PodSyscallEvent(msgspec.Struct, kw_only=True):
+class PodSyscallEvent(msgspec.Struct, kw_only=True, gc=False):
     event_type: str
     timestamp: str
     pod_uid: str | None

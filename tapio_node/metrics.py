@@ -34,7 +34,8 @@ PROCESSING_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4
                       1e-3, 2.5e-3, 1e-2, 0.1, 1.0)
 
 # Kernel-to-user-space delay: wake-ups are batched when busy (a few ms).
-LATENCY_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25, 1.0, 5.0)
+LATENCY_BUCKETS = (1e-5, 2e-5, 3e-5, 4e-5, 5e-5, 7.5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
+                   1e-2, 2.5e-2, 0.1, 0.25, 1.0, 5.0)
 
 _ACCESS_KIND = {
     "configmap_access": "configmap",
