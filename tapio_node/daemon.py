@@ -91,6 +91,7 @@ class Daemon:
         self.metrics = None
         self.events_processed = 0
         self.unresolved = 0
+        self.failed_groups = 0
         self.last_event_mono: float | None = None
         self.heartbeat = time.monotonic()
         self.ready = False
@@ -410,8 +411,15 @@ class Daemon:
             (_, pid, tid, cgid, comm, _dev, _gen, _ino, vol_id, file_id, flags, op,
              path, dnames, count, first, last, stamps) = g
             total += count
-            self._account(pid, tid, cgid, comm, vol_id, file_id, dnames, flags, op, path,
-                          count, first, last, stamps, now_ns)
+            try:
+                self._account(pid, tid, cgid, comm, vol_id, file_id, dnames, flags, op, path,
+                              count, first, last, stamps, now_ns)
+            except Exception:
+                # One bad record must not stop the collector; say so, rarely.
+                self.failed_groups += 1
+                if self.failed_groups in (1, 10, 100) or self.failed_groups % 1000 == 0:
+                    log.exception("could not process an access record (%d so far)",
+                                  self.failed_groups)
         self.events_processed += total
         self._win_count += total
         if total:
