@@ -25,7 +25,7 @@ class StdoutSink:
     drain; up to max_pending bytes wait in memory before we block."""
 
     def __init__(self, stream=None, clock: ev.Clock | None = None,
-                 max_pending: int = 64 << 20):
+                 max_pending: int = 16 << 20):
         self.fd = (stream or sys.stdout).fileno()
         self.clock = clock or ev.Clock()
         self._buf = bytearray()
