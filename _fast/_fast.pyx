@@ -52,14 +52,13 @@ cdef enum:
     LOG_SIZE = 16384
 cdef char _log[LOG_SIZE]
 cdef size_t _log_len = 0
-cdef int _log_debug = 0
 
 
 cdef int _libbpf_print(libbpf_print_level level, const char *fmt, va_list args) noexcept nogil:
     global _log_len
     cdef char line[1024]
     cdef int n
-    if level == LIBBPF_DEBUG and not _log_debug:
+    if level == LIBBPF_DEBUG:
         return 0
     n = vsnprintf(line, sizeof(line), fmt, args)
     if n <= 0:
@@ -85,11 +84,6 @@ def libbpf_log(bint clear=True):
     if clear:
         _log_len = 0
     return text
-
-
-def set_libbpf_debug(bint on):
-    global _log_debug
-    _log_debug = on
 
 
 class BpfError(OSError):
@@ -301,14 +295,6 @@ cdef class Map:
             rc = bpf_map_update_elem(self.fd, k, v, flags)
         if rc < 0:
             raise BpfError(errno, f"updating map {self.name}")
-
-    def update_many(self, items):
-        """Insert (key, value) pairs; returns how many went in."""
-        n = 0
-        for key, value in items:
-            self.update(key, value)
-            n += 1
-        return n
 
     def delete(self, bytes key):
         """Remove a key; False when it was not there."""

@@ -137,13 +137,9 @@ def unpack_pod_info(raw: bytes) -> PodInfo | None:
     """The inverse of pack_pod_info; None for anything that does not validate."""
     if len(raw) != wire.POD_INFO.size:
         return None
-    uid, ns, name, cid, created, qos, _flags = wire.POD_INFO.unpack(raw)
-
-    def s(b: bytes) -> str | None:
-        v = b.split(b"\0", 1)[0].decode("ascii", "replace")
-        return v or None
+    uid, ns, name, cid, created, qos = wire.unpack_pod_info(raw)
     try:
-        return PodInfo(s(uid) or "", s(ns), s(name), s(cid), max(created, 0), _QOS_NAME.get(qos))
+        return PodInfo(uid, ns or None, name or None, cid or None, max(created, 0), _QOS_NAME.get(qos))
     except ValueError:
         return None
 
