@@ -102,8 +102,8 @@ class Daemon:
         self._busy = False
         self._recent = 0
         self._recent_start = time.monotonic()
-        self._win_start = time.monotonic()
-        self._win_count = 0
+        self._rate_mark = (time.monotonic(), 0)
+        self._unresolved_logged = 0
         self._sig_r = self._sig_w = None
         self._epoll = None
         self._mounts_fd = None
@@ -369,10 +369,15 @@ class Daemon:
 
     def _periodic(self, now: float) -> None:
         self.clock.refresh()
-        span = now - self._win_start
-        if span > 0:
-            self._rate = self._win_count / span
-        self._win_start, self._win_count = now, 0
+        mark_time, mark_events = self._rate_mark
+        if now > mark_time:
+            self._rate = (self.events_processed - mark_events) / (now - mark_time)
+        self._rate_mark = (now, self.events_processed)
+        if self.unresolved != self._unresolved_logged:
+            # Accesses to volumes gone before their record was read.
+            log.warning("%d accesses could not be tied to a volume (removed before their "
+                        "record was read)", self.unresolved - self._unresolved_logged)
+            self._unresolved_logged = self.unresolved
         self.sink.tick(now)
         if not self.volumes.root_present:
             # The kubelet has not made its pods dir yet: look again.
@@ -421,7 +426,6 @@ class Daemon:
                     log.exception("could not process an access record (%d so far)",
                                   self.failed_groups)
         self.events_processed += total
-        self._win_count += total
         if total:
             self.last_event_mono = time.monotonic()
 
@@ -437,18 +441,12 @@ class Daemon:
         pods, metrics = self.pods, self.metrics
         event_type = ev.KIND_EVENT_TYPE[vol.kind]
         namespace, pod_name = vol.namespace, None
-        proc = ev.ProcessInfo(pid=pid, command=comm, cgroup_id=cgid, tid=tid)
+        proc = self._process_info(pid, tid, cgid, comm)
         cross_pod = None
         if pods is not None:
             ns2, name2 = pods.pod_names(vol.pod_uid)
             namespace, pod_name = ns2 or namespace, name2
-            acc = pods.accessor(cgid, pid, comm)
-            proc.container_id = acc.container_id
-            proc.pod_uid = acc.pod_uid
-            proc.namespace = acc.namespace
-            proc.pod_name = acc.pod_name
-            proc.role = acc.role
-            cross_pod = acc.role != "kubelet" and acc.pod_uid != vol.pod_uid
+            cross_pod = proc.role != "kubelet" and proc.pod_uid != vol.pod_uid
         event = ev.AccessEvent(
             event_type=event_type, timestamp=self.clock.rfc3339(first), pod_uid=vol.pod_uid,
             namespace=namespace, pod_name=pod_name, config_name=vol.config_name or vol.name,
@@ -516,20 +514,23 @@ class Daemon:
             changes["source_key"] = src.key
         return msgspec.structs.replace(event, **changes)
 
+    def _process_info(self, pid: int, tid: int, cgid: int, comm: str) -> ev.ProcessInfo:
+        """The opener: pid and command, and its pod and container when known."""
+        proc = ev.ProcessInfo(pid=pid, command=comm, cgroup_id=cgid, tid=tid)
+        if self.pods is not None:
+            acc = self.pods.accessor(cgid, pid, comm)
+            proc.container_id, proc.pod_uid = acc.container_id, acc.pod_uid
+            proc.namespace, proc.pod_name, proc.role = acc.namespace, acc.pod_name, acc.role
+        return proc
+
     def _syscall_group(self, g) -> int:
         (_, pid, tid, cgid, comm, nr, count, first, _last, _stamps) = g
         if self.output != "stdout":
             return count
-        proc = ev.ProcessInfo(pid=pid, command=comm, cgroup_id=cgid, tid=tid)
-        pod_uid = namespace = pod_name = None
-        if self.pods is not None:
-            acc = self.pods.accessor(cgid, pid, comm)
-            proc.container_id, proc.pod_uid = acc.container_id, acc.pod_uid
-            proc.namespace, proc.pod_name = acc.namespace, acc.pod_name
-            pod_uid, namespace, pod_name = acc.pod_uid, acc.namespace, acc.pod_name
+        proc = self._process_info(pid, tid, cgid, comm)
         event = ev.PodSyscallEvent(event_type=ev.POD_SYSCALL, timestamp=self.clock.rfc3339(first),
-                                   pod_uid=pod_uid, namespace=namespace, pod_name=pod_name,
-                                   syscall_nr=nr, count=count, process=proc)
+                                   pod_uid=proc.pod_uid, namespace=proc.namespace,
+                                   pod_name=proc.pod_name, syscall_nr=nr, count=count, process=proc)
         self.sink.emit(event, 1, None)
         return count
 
