@@ -1,4 +1,6 @@
-"""Test doubles shared by unit and kernel tests."""
+"""Test doubles and helpers shared by unit and kernel tests."""
+import select
+
 from tapio_node.pods import pack_pod_info
 
 
@@ -27,3 +29,14 @@ class FakeMaps:
 
     def container_pid_items(self):
         return list(self.pids.items())
+
+
+def drain(reg, cond, rounds=400):
+    """PodRegistry.handle_io until cond() holds: bounded by rounds, never
+    by a deadline."""
+    for _ in range(rounds):
+        if cond():
+            return True
+        select.select(reg.filenos(), [], [], 0.05)
+        reg.handle_io()
+    return cond()

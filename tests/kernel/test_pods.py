@@ -18,7 +18,7 @@ import uuid
 import pytest
 
 from tapio_node.pods import Accessor, PodInfo, PodRegistry, detect_cgroup_root, unpack_pod_info
-from tests.fakes import FakeMaps
+from tests.fakes import FakeMaps, drain
 
 pytestmark = pytest.mark.kernel
 
@@ -102,16 +102,6 @@ def registry(node, maps=None, **kw):
                 maps=FakeMaps() if maps is None else maps)
     args.update(kw)
     return PodRegistry(**args)
-
-
-def drain(reg, cond, rounds=400):
-    """handle_io until cond() holds: bounded by rounds, never by a deadline."""
-    for _ in range(rounds):
-        if cond():
-            return True
-        select.select(reg.filenos(), [], [], 0.05)
-        reg.handle_io()
-    return cond()
 
 
 def systemd_pod(uid, qos):

@@ -14,7 +14,7 @@ import pytest
 from tapio_node import pods
 from tapio_node.pods import (Accessor, PodInfo, PodRegistry, parse_cgroup_path, parse_log_dir,
                              pack_pod_info, unpack_pod_info)
-from tests.fakes import FakeMaps
+from tests.fakes import FakeMaps, drain as _drain_registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UID = "1b2c3d4e-5f60-4718-9a0b-0c1d2e3f4a5b"
@@ -23,6 +23,10 @@ STATIC_UID = "9d8f3c6b2a1e4f5d8c7b6a5948372615"   # kubelet's hash uid of a stat
 CID = "4f1e" + "0123456789abcdef" * 3 + "a1b2c3d4e5f6"
 assert len(CID) == 64
 
+
+
+def drain(reg, cond, rounds=200):
+    return _drain_registry(reg, cond, rounds)
 
 # ---------------------------------------------------------------- cgroup paths
 
@@ -191,17 +195,6 @@ def _registry(tree, **kw):
     return reg
 
 
-def _drain(reg, cond, rounds=200):
-    """Poll handle_io until cond() holds (bounded by rounds, not by time)."""
-    import select
-    for _ in range(rounds):
-        if cond():
-            return True
-        select.select(reg.filenos(), [], [], 0.05)
-        reg.handle_io()
-    return cond()
-
-
 def test_registry_scan_names_and_maps(tree):
     root, logs, kpods = tree
     _sa_volume(kpods, UID, b"shop")
@@ -249,18 +242,18 @@ def test_registry_follows_new_and_removed_cgroups_and_log_dirs(tree):
         ctr = root / f"kubepods/besteffort/pod{UID}/{CID}"
         ctr.mkdir(parents=True)
         cgid = os.stat(ctr).st_ino
-        assert _drain(reg, lambda: reg.accessor(cgid, 1, "a").container_id == CID)
+        assert drain(reg, lambda: reg.accessor(cgid, 1, "a").container_id == CID)
         assert reg.accessor(cgid, 1, "a").namespace is None
         (logs / f"team-a_api_{UID}").mkdir()
-        assert _drain(reg, lambda: reg.accessor(cgid, 1, "a").pod_name == "api")
+        assert drain(reg, lambda: reg.accessor(cgid, 1, "a").pod_name == "api")
         assert unpack_pod_info(reg._maps.pod_info[cgid]).namespace == "team-a"
         reg._maps.pids[777] = cgid
         ctr.rmdir()
-        assert _drain(reg, lambda: cgid not in reg._maps.pod_info)
+        assert drain(reg, lambda: cgid not in reg._maps.pod_info)
         assert reg.accessor(cgid, 1, "a").pod_uid is None
         assert 777 not in reg._maps.pids
         (root / f"kubepods/besteffort/pod{UID}").rmdir()
-        assert _drain(reg, lambda: reg.pods() == 0)
+        assert drain(reg, lambda: reg.pods() == 0)
         assert reg._maps.pod_info == {}
     finally:
         reg.close()
@@ -372,7 +365,7 @@ def test_roots_that_do_not_exist_yet_are_waited_for(tmp_path):
         logs.mkdir()
         (logs / f"late_pod_{UID}").mkdir()
         cgid = os.stat(ctr).st_ino
-        assert _drain(reg, lambda: reg.accessor(cgid, 1, "x") == Accessor(CID, UID, "late", "pod", None))
+        assert drain(reg, lambda: reg.accessor(cgid, 1, "x") == Accessor(CID, UID, "late", "pod", None))
     finally:
         reg.close()
 
