@@ -9,17 +9,16 @@ import os
 import re
 
 # Pod UIDs are RFC 4122 UUIDs as the API server generates them.
-POD_UID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-# Static pods get a 32-hex config hash as UID instead.
-STATIC_UID_RE = re.compile(r"^[0-9a-f]{32}$")
-DNS1123_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+POD_UID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+# Static pods get the 32-hex hash of their manifest as UID instead (kubelet
+# pkg/kubelet/config/common.go); it shows up in cgroup and log dir names too.
+STATIC_UID_RE = re.compile(r"[0-9a-f]{32}\Z")
+DNS1123_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
 DNS1123_SUBDOMAIN_RE = re.compile(
-    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
 # A volume name is a DNS-1123 label (<= 63).
 MAX_LABEL = 63
 MAX_SUBDOMAIN = 253
-# Atomic-writer payload dirs: "..2006_01_02_15_04_05.<random>".
-TIMESTAMP_DIR_RE = re.compile(r"^\.\.\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2}\.\d+$")
 
 
 def _py_parse_volume_path(path: str, pods_root: str):

@@ -21,7 +21,7 @@ import time
 import msgspec
 from inotify_simple import INotify, flags as _F
 
-from tapio_node import wire
+from tapio_node import kpath, wire
 
 __all__ = [
     "QOS", "PodInfo", "Accessor", "CgroupRef", "PodRegistry",
@@ -36,16 +36,8 @@ _QOS_NAME = {v: k for k, v in QOS.items()}
 # NUL-terminated field (uid 36 < 40, namespace 63 < 64, pod name 253 < 256,
 # container id 64 < 72).
 
-# Pod uids are UUIDs; static pods get the 32-hex hash of their manifest
-# (kubelet pkg/kubelet/config/common.go), which also shows up in cgroup
-# and /var/log/pods names, so both are accepted.
-_UID_RE = re.compile(
-    r"(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32})\Z")
+# Pod uids: kpath.valid_pod_uid (UUIDs, and static pods' 32-hex hash).
 _CID_RE = re.compile(r"[0-9a-f]{64}\Z")
-_DNS_LABEL_RE = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?\Z")
-_DNS_SUBDOMAIN_RE = re.compile(
-    r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*\Z")
-
 # cgroup dir names (matched on the part after the parent slice's prefix).
 _SD_QOS_RE = re.compile(r"(burstable|besteffort)\.slice\Z")
 _SD_POD_RE = re.compile(r"pod([0-9a-f_]{32,36})\.slice\Z")
@@ -70,16 +62,15 @@ _O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 def valid_pod_uid(uid: object) -> bool:
-    return isinstance(uid, str) and _UID_RE.match(uid) is not None
+    return isinstance(uid, str) and kpath.valid_pod_uid(uid)
 
 
 def _valid_namespace(ns: object) -> bool:
-    return isinstance(ns, str) and _DNS_LABEL_RE.match(ns) is not None
+    return isinstance(ns, str) and kpath.valid_label(ns)
 
 
 def _valid_pod_name(name: object) -> bool:
-    return (isinstance(name, str) and len(name) <= 253
-            and _DNS_SUBDOMAIN_RE.match(name) is not None)
+    return isinstance(name, str) and kpath.valid_subdomain(name)
 
 
 class PodInfo(msgspec.Struct, frozen=True):
@@ -170,7 +161,7 @@ def _pod_uid(raw: str, systemd: bool) -> str | None:
     uid = raw.replace("_", "-") if systemd else raw
     if systemd and "-" in raw:
         return None
-    return uid if _UID_RE.match(uid) else None
+    return uid if kpath.valid_pod_uid(uid) else None
 
 
 def classify(parent: CgroupRef, name: str) -> CgroupRef | None:

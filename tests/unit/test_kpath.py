@@ -48,6 +48,8 @@ def test_name_validation():
     assert kpath.valid_pod_uid("a" * 32)  # static pod config hash
     assert not kpath.valid_pod_uid("../../etc")
     assert not kpath.valid_pod_uid(UID.upper())
+    assert not kpath.valid_pod_uid(UID + "\n")  # $ would have let this through
+    assert not kpath.valid_label("certs\n")
     assert kpath.valid_label("kube-api-access-x2k9p")
     assert not kpath.valid_label("a" * 64)
     assert not kpath.valid_label("Bad_Name")
