@@ -53,22 +53,6 @@ def tracepoint_exists(tp: str) -> bool:
     return bool(root) and os.path.isdir(os.path.join(root, "events", tp))
 
 
-def explain_unavailable() -> str | None:
-    """Why BPF cannot be used, before touching it (None: looks fine)."""
-    if os.geteuid() != 0:
-        return ("not running as root: loading BPF programs needs root or "
-                "CAP_BPF+CAP_PERFMON (run with sudo, or use the systemd unit)")
-    if not os.path.exists("/sys/kernel/btf/vmlinux"):
-        return ("no kernel BTF at /sys/kernel/btf/vmlinux: CO-RE needs a kernel "
-                "built with CONFIG_DEBUG_INFO_BTF=y")
-    if tracefs_root() is None:
-        return ("tracefs is not mounted: mount -t tracefs tracefs /sys/kernel/tracing")
-    if not tracepoint_exists("syscalls/sys_exit_openat"):
-        return ("the syscalls/sys_exit_openat tracepoint is missing: the kernel "
-                "needs CONFIG_FTRACE_SYSCALLS=y")
-    return None
-
-
 class Kernel:
     """Loaded and attached tapio.bpf.o, its maps and its ring buffer."""
 

@@ -265,7 +265,9 @@ def check_bpf_syscall() -> list[Check]:
 
 
 def _tracefs(mounts) -> str | None:
-    for candidate in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
+    from .bpf import TRACEFS_ROOTS
+
+    for candidate in TRACEFS_ROOTS:
         if any(p == candidate and t == "tracefs" for p, t in mounts):
             return candidate
     return None

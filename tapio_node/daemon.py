@@ -145,7 +145,7 @@ class Daemon:
             sys.stderr.flush()
 
     def start(self) -> None:
-        from tapio_node.bpf import Kernel, KernelUnavailable, explain_unavailable
+        from tapio_node.bpf import Kernel, KernelUnavailable
         from tapio_node.metrics import Metrics
         from tapio_node.volumes import VolumeIndex
 
@@ -153,9 +153,6 @@ class Daemon:
         self.metrics = Metrics(max_series=kc.metrics_max_series)
         if not kc.enable_ebpf:
             raise KernelUnavailable("enable_ebpf is false: nothing to collect (set it to true)")
-        reason = explain_unavailable()
-        if reason:
-            raise KernelUnavailable(reason)
         from tapio_node import check
 
         failed = check.preflight(kc)

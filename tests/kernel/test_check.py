@@ -175,3 +175,18 @@ def test_format_check():
     assert check.format_check(check.Check(name="a", ok=True, fatal=True, detail="d", fix="f")) == "✔ a: d"
     assert check.format_check(check.Check(name="a", ok=False, fatal=True, detail="d", fix="f")) == "✘ a: d — fix: f"
     assert check.format_check(check.Check(name="a", ok=False, fatal=False, detail="d", fix="f")) == "⚠ a: d — fix: f"
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="requires setpriv (util-linux)")
+def test_daemon_refuses_with_the_same_reasons_as_check(node_dirs):
+    need_tracing()
+    config = write_config(node_dirs)
+    prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    _, lines = run_check(config, prefix=prefix)
+    env = dict(os.environ, PYTHONPATH=REPO, PYTHONDONTWRITEBYTECODE="1")
+    r = subprocess.run([*prefix, sys.executable, "-m", "tapio_node", "run", "--config", config],
+                       capture_output=True, text=True, timeout=120, cwd="/", env=env)
+    assert r.returncode == 1, r.stderr
+    assert "cannot run the collector" in r.stderr
+    failed = [name for name, (mark, _) in lines.items() if mark == check.FAIL]
+    assert failed and all(f"✘ {name}: " in r.stderr for name in failed)
