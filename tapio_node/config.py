@@ -3,6 +3,7 @@ validated at the edge with msgspec; typed structs inside."""
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -52,6 +53,9 @@ class KernelCollector(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     journal_fold_window: float = 10.0
     resync_interval: float = 60.0
     metrics_max_series: int = 10000
+    # Entries of the watched_inodes map: one per file of every watched
+    # volume. A volume that does not fit is reported, not fatal.
+    max_watched_files: int = 262144
     # Pod specs (real ConfigMap/Secret names).
     kubeconfig: str | None = None
     node_name: str | None = None
@@ -130,17 +134,31 @@ def _dir_or_parent(kc: KernelCollector, key: str, source: str | None, explicit: 
         raise ConfigError(f"kernel_collector.{key}", f"{path} is not a directory", source)
 
 
+# Upper bounds keep a typo from pinning gigabytes of kernel or daemon memory.
+SIZE_LIMITS = {
+    "buffer_size": (1, 100_000),
+    "metrics_max_series": (1, 1_000_000),
+    "max_watched_files": (16, 1 << 22),
+}
+# The ring is mapped into the daemon: it counts in its RSS.
+MAX_RING_BUFFER = 1 << 28
+# A day: longer intervals are typos, and a huge float overflows timers.
+MAX_SECONDS = 86400.0
+
+
 def validate(kc: KernelCollector, source: str | None, explicit: set | frozenset = frozenset()) -> None:
     def bad(key: str, problem: str):
         raise ConfigError(f"kernel_collector.{key}", problem, source)
 
-    if kc.buffer_size < 1:
-        bad("buffer_size", f"must be at least 1, got {kc.buffer_size}")
-    if kc.syscall_sampling_rate < 0:
-        bad("syscall_sampling_rate", "must be 0 (off) or a positive N (1 in N syscalls)")
+    for key, (low, high) in SIZE_LIMITS.items():
+        value = getattr(kc, key)
+        if not low <= value <= high:
+            bad(key, f"must be between {low} and {high}, got {value}")
+    if not 0 <= kc.syscall_sampling_rate <= 1 << 31:
+        bad("syscall_sampling_rate", "must be 0 (off) or a positive N (1 in N syscalls) up to 2^31")
     rb = kc.ring_buffer_size
-    if rb < 4096 or rb & (rb - 1):
-        bad("ring_buffer_size", f"must be a power of two of at least 4096 bytes, got {rb}")
+    if rb < 4096 or rb > MAX_RING_BUFFER or rb & (rb - 1):
+        bad("ring_buffer_size", f"must be a power of two between 4096 and {MAX_RING_BUFFER} bytes, got {rb}")
     for key in ("configmap_volume_pattern", "secret_volume_pattern", "projected_volume_pattern"):
         value = getattr(kc, key)
         if not value or "/" in value:
@@ -154,12 +172,13 @@ def validate(kc: KernelCollector, source: str | None, explicit: set | frozenset 
             bad("cgroup_root", f"{kc.cgroup_root} is not a directory (use auto to find the cgroup v2 mount)")
     if kc.kubeconfig is not None and not os.path.isabs(kc.kubeconfig):
         bad("kubeconfig", f"must be an absolute path, got {kc.kubeconfig!r}")
-    if kc.journal_fold_window < 0:
-        bad("journal_fold_window", "must be >= 0 seconds")
-    if kc.resync_interval <= 0:
-        bad("resync_interval", "must be > 0 seconds")
-    if kc.metrics_max_series < 1:
-        bad("metrics_max_series", "must be at least 1")
+    for key in ("journal_fold_window", "resync_interval"):
+        if not math.isfinite(getattr(kc, key)):
+            bad(key, f"must be a finite number of seconds, got {getattr(kc, key)}")
+    if not 0 <= kc.journal_fold_window <= MAX_SECONDS:
+        bad("journal_fold_window", f"must be between 0 and {MAX_SECONDS:g} seconds")
+    if not 0 < kc.resync_interval <= MAX_SECONDS:
+        bad("resync_interval", f"must be > 0 and at most {MAX_SECONDS:g} seconds")
     try:
         split_listen_address(kc.listen_address)
     except ValueError as exc:
@@ -172,12 +191,16 @@ def split_listen_address(addr: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected host:port such as 127.0.0.1:9717, got {addr!r}")
     host = host.strip("[]")
-    if host not in ("", "localhost"):
+    if not host:
+        # ":9717" would bind every address: make that a choice, not a default.
+        raise ValueError(f"no host in {addr!r}: write 127.0.0.1:{port} for this node only, "
+                         f"or 0.0.0.0:{port} / [::]:{port} to listen on all addresses")
+    if host != "localhost":
         try:
             ipaddress.ip_address(host)
         except ValueError:
             raise ValueError(f"{host!r} is not an IP address (use 127.0.0.1 or ::1)")
-    return host or "0.0.0.0", int(port)
+    return host, int(port)
 
 
 def cgroup_v2_mount() -> str | None:

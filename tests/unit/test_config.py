@@ -48,6 +48,22 @@ kernel_collector:
     ("syscall_sampling_rate: -1", "kernel_collector.syscall_sampling_rate", "positive"),
     ("cgroup_root: /no/such/cgroup", "kernel_collector.cgroup_root", "not a directory"),
     ("secret_volume_pattern: a/b", "kernel_collector.secret_volume_pattern", "plugin dir name"),
+    # An empty host must not silently mean every address.
+    ("listen_address: ':9717'", "kernel_collector.listen_address", "0.0.0.0:9717"),
+    ("listen_address: '[]:9717'", "kernel_collector.listen_address", "no host"),
+    ("resync_interval: .nan", "kernel_collector.resync_interval", "finite"),
+    ("resync_interval: .inf", "kernel_collector.resync_interval", "finite"),
+    ("journal_fold_window: -.inf", "kernel_collector.journal_fold_window", "finite"),
+    ("resync_interval: 1.0e+300", "kernel_collector.resync_interval", "at most 86400"),
+    ("journal_fold_window: 1.0e+9", "kernel_collector.journal_fold_window", "between 0 and 86400"),
+    ("buffer_size: 0", "kernel_collector.buffer_size", "between 1 and"),
+    ("buffer_size: 1000000000", "kernel_collector.buffer_size", "between 1 and 100000"),
+    ("ring_buffer_size: 4294967296", "kernel_collector.ring_buffer_size", "between 4096 and 268435456"),
+    ("metrics_max_series: 0", "kernel_collector.metrics_max_series", "between 1 and"),
+    ("metrics_max_series: 100000000", "kernel_collector.metrics_max_series", "between 1 and"),
+    ("max_watched_files: 4", "kernel_collector.max_watched_files", "between 16 and"),
+    ("max_watched_files: 100000000", "kernel_collector.max_watched_files", "between 16 and"),
+    ("syscall_sampling_rate: 8589934592", "kernel_collector.syscall_sampling_rate", "up to 2^31"),
 ])
 def test_bad_values_name_the_key(body, key, words):
     with pytest.raises(ConfigError) as info:
@@ -73,8 +89,15 @@ def test_pods_dir_may_not_exist_yet_if_its_parent_does(tmp_path):
     assert kc.kubelet_pods_path == f"{tmp_path}/pods"
 
 
+def test_sizes_at_their_bounds_are_accepted():
+    kc = parse_config("kernel_collector:\n  max_watched_files: 16\n  buffer_size: 100000\n"
+                      "  ring_buffer_size: 268435456\n  resync_interval: 86400\n").kernel_collector
+    assert kc.max_watched_files == 16 and kc.ring_buffer_size == 1 << 28
+    assert parse_config("").kernel_collector.max_watched_files == 262144
+
+
 def test_listen_address_forms():
     assert split_listen_address("127.0.0.1:9717") == ("127.0.0.1", 9717)
     assert split_listen_address("[::1]:9717") == ("::1", 9717)
-    assert split_listen_address(":0") == ("0.0.0.0", 0)
+    assert split_listen_address("0.0.0.0:0") == ("0.0.0.0", 0)
     assert isinstance(KernelCollector(), KernelCollector)
