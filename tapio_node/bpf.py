@@ -58,7 +58,7 @@ class Kernel:
 
     def __init__(self, *, ring_buffer_size: int = 4 << 20, sampling_rate: int = 0,
                  pod_correlation: bool = True, pin_path: str | None = None,
-                 force_enter_stash: bool = False):
+                 force_enter_stash: bool = False, max_watched_files: int | None = None):
         from tapio_node import _fast  # import here: tests of pure parts need no build
 
         self._fast = _fast
@@ -66,6 +66,7 @@ class Kernel:
         self.pinned: list[str] = []
         self.backend = "tracepoint"
         self.path_source = "pt_regs"
+        self._max_watched_files = max_watched_files
         try:
             self.obj = self._load(ring_buffer_size, sampling_rate, pod_correlation,
                                   use_stash=force_enter_stash)
@@ -96,6 +97,8 @@ class Kernel:
     def _load(self, rb_size, sampling_rate, pod_correlation, use_stash):
         obj = self._fast.BpfObject(object_path())
         obj.set_max_entries("events", rb_size)
+        if self._max_watched_files:
+            obj.set_max_entries("watched_inodes", self._max_watched_files)
         obj.set_u32(".rodata", "sampling_rate", sampling_rate)
         obj.set_u32(".rodata", "use_enter_stash", 1 if use_stash else 0)
         obj.set_u32(".rodata", "self_tgid", os.getpid())

@@ -132,7 +132,9 @@ class Daemon:
             last_event_age_seconds=(now - self.last_event_mono) if self.last_event_mono else None,
             loop_heartbeat_age_seconds=now - self.heartbeat,
             backend=self.kernel.backend if self.kernel else "none",
-            status=self.status_text)
+            status=self.status_text,
+            watch_capacity_exceeded=self.volumes.capacity_exceeded if self.volumes else 0,
+            volumes_over_capacity=len(self.volumes.over_capacity) if self.volumes else 0)
 
     # -- start-up ----------------------------------------------------------
     def _progress(self, done: int, total: int, files: int) -> None:
@@ -164,7 +166,7 @@ class Daemon:
         self.kernel = Kernel(ring_buffer_size=kc.ring_buffer_size,
                              sampling_rate=kc.syscall_sampling_rate,
                              pod_correlation=kc.enable_pod_correlation,
-                             pin_path=kc.pin_path,
+                             pin_path=kc.pin_path, max_watched_files=kc.max_watched_files,
                              # Exercise the pre-5.15 fallback on a newer kernel.
                              force_enter_stash=os.environ.get("TAPIO_FORCE_ENTER_STASH") == "1")
         log.info("attached %s (%s backend, paths from %s) in %.0f ms",
@@ -172,7 +174,8 @@ class Daemon:
                  self.kernel.path_source, (time.monotonic() - t0) * 1000)
         self.reader = self.kernel.reader(capacity=max(1024, kc.buffer_size * 8),
                                          keep_timestamps=self.output == "stdout")
-        self.volumes = VolumeIndex(kc.kubelet_pods_path, plugins_for(kc), self.kernel.maps)
+        self.volumes = VolumeIndex(kc.kubelet_pods_path, plugins_for(kc), self.kernel.maps,
+                                   max_files=kc.max_watched_files)
         t1 = time.monotonic()
         self.volumes.scan_all(progress=self._progress)
         log.info("indexed %d files in %d volumes of %d pods in %.0f ms",

@@ -53,8 +53,9 @@ def health(state: DaemonState | None, stuck_after: float = STUCK_AFTER) -> tuple
     elif state.loop_heartbeat_age_seconds > stuck_after:
         reason = (f"event loop stuck: last heartbeat {state.loop_heartbeat_age_seconds:.1f}s ago "
                   f"(limit {stuck_after:g}s)")
+    degraded = degraded_reasons(state)
     body = {
-        "status": "unhealthy" if reason else "healthy",
+        "status": "unhealthy" if reason else "degraded" if degraded else "healthy",
         "ebpf_loaded": state.ebpf_loaded,
         "focus": "config_access",
         "ring_buffer_active": state.ring_buffer_active,
@@ -67,7 +68,19 @@ def health(state: DaemonState | None, stuck_after: float = STUCK_AFTER) -> tuple
     }
     if reason:
         body["reason"] = reason
+    if degraded:
+        body["degraded"] = degraded
     return (503 if reason else 200), body
+
+
+def degraded_reasons(state: DaemonState) -> list[str]:
+    """Why the daemon runs but sees less than everything (HTTP 200, status
+    "degraded": restarting would not help)."""
+    out = []
+    if state.volumes_over_capacity:
+        out.append(f"{state.volumes_over_capacity} volumes not indexed: watched_inodes is full "
+                   "(raise kernel_collector.max_watched_files)")
+    return out
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):

@@ -57,6 +57,9 @@ class DaemonState(msgspec.Struct, kw_only=True):
     loop_heartbeat_age_seconds: float
     backend: str
     status: str
+    # Volumes that did not fit in watched_inodes: ever, and now.
+    watch_capacity_exceeded: int = 0
+    volumes_over_capacity: int = 0
 
 
 class _StateCollector(Collector):
@@ -95,6 +98,11 @@ class _StateCollector(Collector):
         yield _gauge(f"{p}_watched_volumes", "ConfigMap/Secret/projected volumes in the inode map", state.watched_volumes)
         yield _gauge(f"{p}_watched_files", "Files (inodes) in the inode map", state.watched_files)
         yield _gauge(f"{p}_watched_pods", "Pods with at least one watched volume", state.watched_pods)
+        yield CounterMetricFamily(f"{p}_watch_capacity_exceeded",
+                                  "Times a volume could not be indexed: watched_inodes full "
+                                  "(see max_watched_files)", value=state.watch_capacity_exceeded)
+        yield _gauge(f"{p}_volumes_over_capacity", "Volumes not indexed now for lack of map room",
+                     state.volumes_over_capacity)
         yield _gauge(f"{p}_loop_heartbeat_age_seconds", "Seconds since the event loop last ran",
                      state.loop_heartbeat_age_seconds)
         if state.last_event_age_seconds is not None:

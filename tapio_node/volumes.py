@@ -11,6 +11,7 @@ volume dir on the shared disk by parent walk (`watched_devs`,
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -32,6 +33,12 @@ MAX_KEY_DEPTH = 8
 # Files removed from the maps stay resolvable this long, for records
 # already in the ring buffer.
 GRAVE_SECONDS = 30.0
+# What a full BPF hash map answers to an update of a new key.
+MAP_FULL_ERRNOS = (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)
+
+
+class MapFull(Exception):
+    """A watch map has no room for a volume's entries."""
 
 
 class MountInfo(msgspec.Struct, frozen=True):
@@ -72,6 +79,7 @@ class Volume:
     dir_key: bytes | None = None
     files: dict[bytes, int] = field(default_factory=dict)   # inode key -> file id
     wds: set[int] = field(default_factory=set)
+    over_capacity: bool = False  # its files did not fit in watched_inodes
 
 
 @dataclass(eq=False, slots=True)
@@ -83,9 +91,10 @@ class WatchedFile:
 
 class VolumeIndex:
     def __init__(self, pods_path: str, plugins: dict[str, str], maps=None,
-                 inode_key=None):
+                 inode_key=None, max_files: int | None = None):
         """plugins: kubelet plugin dir name -> kind; maps: the Kernel's
-        maps dict (None: index only, e.g. for `tapio-node check`)."""
+        maps dict (None: index only, e.g. for `tapio-node check`);
+        max_files: entries of watched_inodes (max_watched_files)."""
         if inode_key is None:
             from tapio_node._fast import inode_key
         self._inode_key = inode_key
@@ -107,6 +116,11 @@ class VolumeIndex:
         self.inotify = INotify()
         self.overflows = 0
         self.root_present = False
+        self.max_files = max_files
+        # Times a volume could not be watched for lack of map room, and
+        # the volumes in that state now (/healthz degraded).
+        self.capacity_exceeded = 0
+        self.over_capacity: set[int] = set()
 
     # -- bookkeeping -------------------------------------------------------
     def _skip(self, path: str, why: str) -> None:
@@ -146,11 +160,20 @@ class VolumeIndex:
         if self.maps is None:
             return
         present = self._present.setdefault(name, set())
-        if key not in present:
+        new = key not in present
+        if new:
             # Filter first, so the kernel never misses an entry it has.
             self._filter(name, key, +1)
             present.add(key)
-        self.maps[name].update(key, value)
+        try:
+            self.maps[name].update(key, value)
+        except OSError as exc:
+            if new:
+                present.discard(key)
+                self._filter(name, key, -1)
+            if exc.errno in MAP_FULL_ERRNOS:
+                raise MapFull(f"{name} is full") from exc
+            raise
 
     def _map_del(self, name: str, key: bytes) -> None:
         if self.maps is None:
@@ -308,12 +331,61 @@ class VolumeIndex:
             if vol.dev:
                 self._detach_dev(vol)
             vol.dev, vol.whole_dev, vol.dir_key = dev, whole, dir_key
-            self._attach_dev(vol)
+            try:
+                self._attach_dev(vol)
+            except MapFull as exc:
+                self._detach_dev(vol)  # undo a half attach; try again on the next scan
+                vol.dev, vol.dir_key = 0, None
+                return self._over_capacity(vol, str(exc))
             # The path may now be a new inode (tmpfs mounted over it).
             self._watch(vol.path, VOLUME_MASK, ("volume", vol.id))
 
         found: dict[bytes, str] = {}
         self._collect(vol, found)
+        try:
+            changes = self._sync_files(vol, found)
+        except MapFull as exc:
+            return self._over_capacity(vol, str(exc), len(found))
+        if vol.over_capacity:
+            vol.over_capacity = False
+            self.over_capacity.discard(vol.id)
+            log.warning("volume %s: all %d files watched again", vol.path, len(found))
+        return changes
+
+    def _room_for(self, vol: Volume, found: dict[bytes, str]) -> bool:
+        """Whether a volume's new files fit next to everyone's (checked
+        first, so a volume goes in whole or not at all)."""
+        if self.max_files is None or self.maps is None:
+            return True
+        present = self._present.get("watched_inodes", ())
+        new = sum(1 for k in found if k not in present)
+        return len(present) + new <= self.max_files
+
+    def _over_capacity(self, vol: Volume, why: str, files: int | None = None) -> int:
+        """Fail this volume alone: its inode entries out (its device or dir
+        entry stays, so its opens are still seen, keyed by file name), a
+        warning, a count; the other volumes are not touched."""
+        changes = 0
+        for key_bytes, fid in list(vol.files.items()):
+            self._map_del("watched_inodes", key_bytes)
+            self._drop_file(fid)
+            changes += 1
+        vol.files.clear()
+        if not vol.over_capacity:
+            vol.over_capacity = True
+            self.over_capacity.add(vol.id)
+            self.capacity_exceeded += 1
+            size = f"{files} files" if files is not None else "its entries"
+            log.warning("volume %s: %s do not fit (%s; max_watched_files=%s, %d in use): "
+                        "not indexed, its opens are matched by %s only; raise "
+                        "kernel_collector.max_watched_files", vol.path, size, why,
+                        self.max_files, self.file_count,
+                        "device" if vol.whole_dev else "directory" if vol.dev else "nothing")
+        return changes
+
+    def _sync_files(self, vol: Volume, found: dict[bytes, str]) -> int:
+        if not self._room_for(vol, found):
+            raise MapFull("watched_inodes has no room")
         changes = 0
         for key_bytes, key in found.items():
             fid = vol.files.get(key_bytes)
@@ -325,7 +397,12 @@ class VolumeIndex:
             self._next_file += 1
             self.files[fid] = WatchedFile(fid, vol, key)
             vol.files[key_bytes] = fid
-            self._map_put("watched_inodes", key_bytes, wire.watch_value(vol.id, fid))
+            try:
+                self._map_put("watched_inodes", key_bytes, wire.watch_value(vol.id, fid))
+            except MapFull:
+                vol.files.pop(key_bytes)
+                self._drop_file(fid)
+                raise
             changes += 1
         for key_bytes in [k for k in vol.files if k not in found]:
             fid = vol.files.pop(key_bytes)
@@ -385,6 +462,7 @@ class VolumeIndex:
     def _remove_volume(self, vol: Volume) -> int:
         if self.volumes.pop(vol.id, None) is None:
             return 0
+        self.over_capacity.discard(vol.id)
         self.by_path.pop(vol.path, None)
         changes = 0
         for key_bytes, fid in vol.files.items():

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from harness import daemon_factory  # noqa: F401  (fixture)
+from harness import daemon_factory, metric_value  # noqa: F401  (fixture)
 from tapio_node.simulate import VolumeSpec
 
 pytestmark = pytest.mark.kernel
@@ -81,3 +81,29 @@ def test_hostile_names_and_symlinks_are_skipped(sim_node, daemon_factory, tmp_pa
     assert {e["volume_name"] for e in d.lines} == {"certs"}
     assert d.proc.poll() is None
     shutil.rmtree(os.path.join(pods, "not-a-uid"))
+
+
+def test_a_volume_too_big_for_the_map_fails_alone(sim_node, daemon_factory):
+    """A tenant's ConfigMap with more keys than watched_inodes holds must not
+    crash-loop the daemon: that volume is reported, the others are watched."""
+    good = sim_node.add_pod("shop", "web-0", [VolumeSpec("secret", "certs", {"tls.key": b"K", "tls.crt": b"C"})],
+                            service_account=False)
+    sim_node.add_pod("evil", "flood-0", [VolumeSpec("configmap", "flood",
+                                                     {f"k{i}": b"x" for i in range(40)})],
+                     service_account=False)
+    d = daemon_factory(sim_node.write_config(max_watched_files=16))
+    health = json.loads(d.get("/healthz")[1])
+    assert health["status"] == "degraded", health
+    assert any("max_watched_files" in r for r in health["degraded"])
+    assert any("volume" in line and "do not fit" in line and "flood" in line for line in d.stderr)
+    metrics = d.get("/metrics")[1].decode()
+    assert metric_value(metrics, "kernel_monitor_watch_capacity_exceeded_total") == 1
+    assert metric_value(metrics, "kernel_monitor_volumes_over_capacity") == 1
+    # The volume that fits is watched, with exact counts.
+    ctr = good.add_container("app")
+    summary = ctr.start_reader("/run/secrets/certs/tls.key", count=7).wait()
+    d.wait_events(7, pred=lambda e: e["process"]["pid"] == summary["pid"])
+    d.settle()
+    got = [e for e in d.lines if e["process"]["pid"] == summary["pid"]]
+    assert len(got) == 7 and {e["file"] for e in got} == {"tls.key"}
+    assert d.proc.poll() is None
