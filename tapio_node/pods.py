@@ -415,8 +415,8 @@ class PodRegistry:
 
     def accessor(self, cgroup_id: int, pid: int, comm: str) -> Accessor:
         """Who opened a file: one dict lookup for pod processes; for others,
-        role "kubelet" by comm, by /proc/<pid>/cgroup (cached per cgroup id)
-        or by /proc/<pid>/exe."""
+        role "kubelet" by /proc/<pid>/cgroup (cached per cgroup id) or by
+        /proc/<pid>/exe, never by comm."""
         acc = self._acc.get(cgroup_id)
         m = self._metrics
         if m is not None:
@@ -1023,8 +1023,7 @@ class PodRegistry:
     # ---------------------------------------------------------- internals: kubelet
 
     def _is_kubelet(self, cgroup_id: int, pid: int, comm: str) -> bool:
-        if comm in self._kubelet_exes:
-            return True
+        # Never by comm: any process can name itself "kubelet" (prctl).
         by_cg = self._role_cache.get(cgroup_id)
         if by_cg is None and self._kubelet_cgroups:
             try:

@@ -122,8 +122,10 @@ def test_cross_pod_reads(sim_node, daemon_factory):
     s_own = own.start_reader("/run/secrets/db-credentials/password").wait()
     s_other = snoop.start_reader("/run/stolen/password", mounts={"/run/stolen": secret_dir}).wait()
     s_host = sim_node.start_host_reader(os.path.join(secret_dir, "password")).wait()
-    pids = {s_own["pid"], s_other["pid"], s_host["pid"]}
-    d.wait_events(3, pred=lambda e: e["process"]["pid"] in pids)
+    # A host process that names itself kubelet (prctl) is not the kubelet.
+    s_fake = sim_node.start_host_reader(os.path.join(secret_dir, "password"), comm="kubelet").wait()
+    pids = {s_own["pid"], s_other["pid"], s_host["pid"], s_fake["pid"]}
+    d.wait_events(4, pred=lambda e: e["process"]["pid"] in pids)
     by_pid = {e["process"]["pid"]: e for e in d.lines if e["process"]["pid"] in pids}
     assert by_pid[s_own["pid"]]["cross_pod"] is False
     e = by_pid[s_other["pid"]]
@@ -132,6 +134,9 @@ def test_cross_pod_reads(sim_node, daemon_factory):
     assert (e["namespace"], e["pod_name"], e["config_name"]) == ("prod", "db-0", "db-credentials")
     h = by_pid[s_host["pid"]]
     assert h["cross_pod"] is True and h["process"]["pod_uid"] is None
+    f = by_pid[s_fake["pid"]]
+    assert f["process"]["command"] == "kubelet"
+    assert f["cross_pod"] is True and f["process"].get("role") is None
     text = d.get("/metrics")[1].decode()
     assert metric_value(text, "kernel_monitor_secret_access_total", namespace="prod",
                         secret="db-credentials") >= 3
