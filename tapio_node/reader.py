@@ -1,11 +1,16 @@
 """A tiny file reader run inside simulated containers by tests, demo and bench.
 
-    python -m tapio_node.reader --path P --count N [--syscall open|openat|openat2]
-        [--chdir DIR] [--at DIR] [--interval S] [--comm NAME] [--ready-fd FD] [--go-fd FD]
+    python -m tapio_node.reader --path P --count N
+        [--syscall open|openat|openat2|open_by_handle_at]
+        [--chdir DIR] [--at DIR] [--interval S] [--comm NAME] [--vary-path]
+        [--ready-fd FD] [--go-fd FD]
 
 Opens P (then reads it to EOF and closes it) N times with exactly the named
 syscall, issued through ``syscall(2)`` so that libc cannot substitute another
-one. ``--count 0`` loops until SIGTERM/SIGINT. A JSON summary goes to stdout
+one. open_by_handle_at takes the file's handle once (name_to_handle_at, no
+open) and opens by it each time, relative to an fd of its directory.
+``--vary-path`` spells the path differently at each open (``./`` and ``/``
+runs before the file name), as a tenant would to defeat event folding. ``--count 0`` loops until SIGTERM/SIGINT. A JSON summary goes to stdout
 at the end: ``{"pid", "path", "syscall", "opened", "failed", "errors", "bytes"}``.
 Exit status 0 when every open succeeded, 1 otherwise, 2 on bad arguments.
 """
@@ -24,16 +29,25 @@ import time
 
 # Syscall numbers per architecture; aarch64 has no open(2) at all.
 _SYSCALL_NR = {
-    "x86_64": {"open": 2, "openat": 257, "openat2": 437},
-    "aarch64": {"openat": 56, "openat2": 437},
+    "x86_64": {"open": 2, "openat": 257, "openat2": 437, "open_by_handle_at": 304,
+               "name_to_handle_at": 303},
+    "aarch64": {"openat": 56, "openat2": 437, "open_by_handle_at": 265, "name_to_handle_at": 264},
 }
 AT_FDCWD = -100
-SYSCALLS = ("open", "openat", "openat2")
+AT_SYMLINK_FOLLOW = 0x400  # a key is a symlink into ..data: name the file
+SYSCALLS = ("open", "openat", "openat2", "open_by_handle_at")
+MAX_HANDLE_SZ = 128
 
 
 class _OpenHow(ctypes.Structure):
     # struct open_how from linux/openat2.h: three u64, 24 bytes.
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+class _FileHandle(ctypes.Structure):
+    # struct file_handle from fcntl.h, with room for MAX_HANDLE_SZ bytes.
+    _fields_ = [("handle_bytes", ctypes.c_uint32), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ)]
 
 
 class Opener:
@@ -57,9 +71,35 @@ class Opener:
         self._libc.syscall.restype = ctypes.c_long
         self._flags = os.O_RDONLY | os.O_CLOEXEC
         self._how = _OpenHow(self._flags, 0, 0)
+        self._handles: dict[bytes, tuple[_FileHandle, int]] = {}
+
+    def _check(self, ret: int, path: bytes) -> int:
+        if ret < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path.decode(errors="replace"))
+        return ret
+
+    def _handle(self, path: bytes) -> tuple[_FileHandle, int]:
+        """The file's handle and an fd on its mount: its directory (an open of
+        the file itself would be one more open of it; O_PATH fds are refused)."""
+        if path not in self._handles:
+            handle, mount_id = _FileHandle(MAX_HANDLE_SZ), ctypes.c_int()
+            self._check(self._libc.syscall(
+                ctypes.c_long(_SYSCALL_NR[platform.machine()]["name_to_handle_at"]),
+                ctypes.c_int(self.dirfd), ctypes.c_char_p(path), ctypes.byref(handle),
+                ctypes.byref(mount_id), ctypes.c_int(AT_SYMLINK_FOLLOW)), path)
+            parent = os.path.dirname(path) or b"."
+            mount_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                               dir_fd=None if self.dirfd == AT_FDCWD else self.dirfd)
+            self._handles[path] = (handle, mount_fd)
+        return self._handles[path]
 
     def open(self, path: bytes) -> int:
         sc = self._libc.syscall
+        if self.syscall == "open_by_handle_at":
+            handle, mount_fd = self._handle(path)
+            return self._check(sc(ctypes.c_long(self.nr), ctypes.c_int(mount_fd), ctypes.byref(handle),
+                                  ctypes.c_int(self._flags)), path)
         if self.syscall == "open":
             fd = sc(ctypes.c_long(self.nr), ctypes.c_char_p(path), ctypes.c_int(self._flags), ctypes.c_int(0))
         elif self.syscall == "openat":
@@ -68,10 +108,12 @@ class Opener:
         else:
             fd = sc(ctypes.c_long(self.nr), ctypes.c_int(self.dirfd), ctypes.c_char_p(path),
                     ctypes.byref(self._how), ctypes.c_size_t(ctypes.sizeof(self._how)))
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path.decode(errors="replace"))
-        return fd
+        return self._check(fd, path)
+
+
+def _spelling(head: bytes, base: bytes, i: int) -> bytes:
+    """The i-th of 6,000 spellings of head + base (all the same file)."""
+    return head + b"./" * (i % 100) + b"/" * ((i // 100) % 60) + base
 
 
 def _read_all(fd: int) -> int:
@@ -91,6 +133,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chdir", metavar="DIR", help="chdir to DIR first (for relative paths)")
     p.add_argument("--at", metavar="DIR", help="open relative to a directory fd of DIR (openat/openat2)")
     p.add_argument("--interval", type=float, default=0.0, help="seconds to sleep between opens")
+    p.add_argument("--vary-path", action="store_true",
+                   help="spell the path differently at each open (defeats folding by path)")
     p.add_argument("--comm", help="set the process name (comm, at most 15 bytes) before opening, e.g. nginx")
     p.add_argument("--ready-fd", type=int, metavar="FD", help="write 'ready\\n' to FD and close it before the first open")
     p.add_argument("--go-fd", type=int, metavar="FD", help="block until FD is readable (a byte or EOF) before the first open")
@@ -135,13 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         os.close(args.go_fd)
 
     path = os.fsencode(args.path)
+    head, _, base = path.rpartition(b"/")
+    head = head + b"/" if _ else b""
     opened = failed = nbytes = 0
     errors: dict[str, int] = {}
     i = 0
     while not stop and (args.count == 0 or i < args.count):
         i += 1
         try:
-            fd = opener.open(path)
+            fd = opener.open(_spelling(head, base, i) if args.vary_path else path)
         except OSError as exc:
             failed += 1
             name = errno.errorcode.get(exc.errno, str(exc.errno))

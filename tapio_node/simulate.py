@@ -415,9 +415,11 @@ print(json.dumps({"written": written, "cgroup": cgroup[0] if cgroup else None, "
 
 def reader_argv(path: str, count: int = 1, syscall: str = "openat", chdir: str | None = None,
                 interval: float | None = None, ready_fd: int | None = None, go_fd: int | None = None,
-                at: str | None = None, comm: str | None = None) -> list[str]:
+                at: str | None = None, comm: str | None = None, vary_path: bool = False) -> list[str]:
     """argv for ``python -m tapio_node.reader`` with these options."""
     argv = [sys.executable, "-m", "tapio_node.reader", "--path", path, "--count", str(count), "--syscall", syscall]
+    if vary_path:
+        argv.append("--vary-path")
     for opt, val in (("--chdir", chdir), ("--at", at), ("--interval", interval), ("--comm", comm),
                      ("--ready-fd", ready_fd), ("--go-fd", go_fd)):
         if val is not None:
@@ -584,11 +586,12 @@ class SimContainer:
 
     def start_reader(self, path: str, count: int = 1, syscall: str = "openat", chdir: str | None = None,
                      interval: float | None = None, at: str | None = None, mounts: dict[str, str] | None = None,
-                     cwd: str | None = None, comm: str | None = None, **popen_kwargs) -> "Reader":
+                     cwd: str | None = None, comm: str | None = None, vary_path: bool = False,
+                     **popen_kwargs) -> "Reader":
         """Start a reader in this container; it is ready (set up) on return and opens after ``go()``."""
         start = lambda argv, **kw: self.run(argv, mounts=mounts, cwd=cwd, **kw)  # noqa: E731
         return Reader(start, dict(path=path, count=count, syscall=syscall, chdir=chdir, interval=interval, at=at,
-                                  comm=comm), **popen_kwargs)
+                                  comm=comm, vary_path=vary_path), **popen_kwargs)
 
     def stop(self, grace: float = 2.0) -> None:
         """SIGTERM every process of the container, SIGKILL what is left after ``grace`` s."""
