@@ -36,6 +36,9 @@ BUSY_POLL_MS = 20
 NEVER_WAKE = 0xFFFFFFFF
 IDLE_POLL_MS = 250
 PERIODIC_SECONDS = 1.0
+# Longest one drain may run before the loop turns again (watchdog, inotify,
+# the state /healthz reads): a flood of unfoldable records cannot stall it.
+DRAIN_BUDGET_SECONDS = 0.05
 # Overflow counts are drained one flip after they were written: this often.
 OVERFLOW_SECONDS = 0.25
 RESTART_KEYS = ("ring_buffer_size", "pin_path", "listen_address", "syscall_sampling_rate",
@@ -92,6 +95,8 @@ class Daemon:
         self.events_processed = 0
         self.unresolved = 0
         self.failed_groups = 0
+        self.drain_cut = 0  # drains ended by DRAIN_BUDGET_SECONDS with records left
+        self._behind = False  # the last drain was cut: poll again at once
         self.last_event_mono: float | None = None
         self.heartbeat = time.monotonic()
         self.ready = False
@@ -303,7 +308,7 @@ class Daemon:
         while not self._stop:
             now = time.monotonic()
             self.heartbeat = now
-            timeout_ms = BUSY_POLL_MS if self._busy else IDLE_POLL_MS
+            timeout_ms = 0 if self._behind else BUSY_POLL_MS if self._busy else IDLE_POLL_MS
             timeout_ms = min(timeout_ms, max(0, int((min(next_periodic, next_overflow) - now) * 1000)))
             try:
                 ready = self._epoll.poll(timeout_ms / 1000.0)
@@ -338,12 +343,20 @@ class Daemon:
     def _drain(self) -> None:
         reader = self.reader
         got = 0
+        deadline = time.monotonic() + DRAIN_BUDGET_SECONDS
+        self._behind = False
         while True:
             n = reader.consume()
             got += n
             if reader.pending:
                 self._process(reader.take())
+                self.sink.flush()
             if not reader.full and n == 0:
+                break
+            if time.monotonic() >= deadline:
+                # The rest stays in the ring: the next turn drains it.
+                self.drain_cut += 1
+                self._behind = True
                 break
         self.sink.flush()
         self._adapt(got)
@@ -447,14 +460,16 @@ class Daemon:
             ns2, name2 = pods.pod_names(vol.pod_uid)
             namespace, pod_name = ns2 or namespace, name2
             cross_pod = proc.role != "kubelet" and proc.pod_uid != vol.pod_uid
-        event = ev.AccessEvent(
+        make = ev.OverflowAccessEvent if overflow else ev.AccessEvent
+        extra = {"count": count} if overflow else {}
+        event = make(
             event_type=event_type, timestamp=self.clock.rfc3339(first), pod_uid=vol.pod_uid,
             namespace=namespace, pod_name=pod_name, config_name=vol.config_name or vol.name,
             config_name_source="collector" if vol.config_name else "volume_name",
             volume_name=vol.name, mount_path=vol.path, file=key, path=path, process=proc,
             cross_pod=cross_pod, syscall=wire.OP_NAMES.get(op, str(op)),
             stale_inode=bool(flags & wire.F_UNLINKED),
-            path_truncated=bool(flags & wire.F_PATH_TRUNC), overflow=overflow)
+            path_truncated=bool(flags & wire.F_PATH_TRUNC), overflow=overflow, **extra)
         if self.podspecs is not None:
             event = self._with_spec(event, vol, key)
         if event_type == ev.PROJECTED_ACCESS:
@@ -483,9 +498,10 @@ class Daemon:
         for cgid, pid, vol_id, file_id, op, count in entries:
             total += count
             comm = _comm_of(pid)
-            stamps = [now_ns] * count if self.output == "stdout" else None
+            # One line per group with its count: a per-access line each
+            # would let one flooded key become hundreds of MB.
             self._account(pid, pid, cgid, comm, vol_id, file_id, None, 0, op, "", count,
-                          now_ns, now_ns, stamps, now_ns, overflow=True)
+                          now_ns, now_ns, None, now_ns, overflow=True)
         log.warning("ring buffer was full: %d accesses reported from the kernel's overflow "
                     "counts (no path or per-access time); consider a larger ring_buffer_size", total)
         self.events_processed += total

@@ -64,6 +64,12 @@ class AccessEvent(msgspec.Struct, kw_only=True, gc=False):
     overflow: bool = False              # counted in the kernel while the ring buffer was full
 
 
+class OverflowAccessEvent(AccessEvent, kw_only=True, gc=False):
+    """Accesses the kernel counted while the ring buffer was full: one line
+    for the group. Other lines have no count: each is one access."""
+    count: int
+
+
 class PodSyscallEvent(msgspec.Struct, kw_only=True, gc=False):
     event_type: str
     timestamp: str

@@ -62,6 +62,7 @@ def health(state: DaemonState | None, stuck_after: float = STUCK_AFTER) -> tuple
         "events_processed": state.events_processed,
         "ring_buffer_drops": state.ring_buffer_drops,
         "last_event_age_seconds": state.last_event_age_seconds,
+        "loop_heartbeat_age_seconds": round(state.loop_heartbeat_age_seconds, 3),
         "backend": state.backend,
         "watched_volumes": state.watched_volumes,
         "watched_pods": state.watched_pods,

@@ -5,6 +5,7 @@ load BPF; ``sim_node`` needs root and cgroup v2 only.
 """
 
 import os
+import socket
 
 import pytest
 
@@ -95,3 +96,14 @@ def sim_node_factory(require_root_cgroup2, _swept_stale_nodes):
 def sim_node(sim_node_factory) -> SimulatedNode:
     """A SimulatedNode (systemd cgroup driver) in a fresh temp dir, closed after the test."""
     return sim_node_factory()
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    """(path, socket): a NOTIFY_SOCKET for the daemon, as systemd gives it."""
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.2)
+    yield path, sock
+    sock.close()

@@ -158,3 +158,22 @@ def make_daemon_fixture():
 
 
 daemon_factory = make_daemon_fixture()
+
+
+def notify_messages(sock, until=None, timeout=10.0) -> list[str]:
+    """sd_notify datagrams from the notify_socket fixture's socket: until
+    `until(got)` is true, or (without `until`) until a quiet 0.2 s."""
+    import socket
+
+    got = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            got.append(sock.recv(4096).decode())
+        except socket.timeout:
+            if until is None:
+                break
+            continue
+        if until is not None and until(got):
+            break
+    return got

@@ -107,3 +107,65 @@ def test_a_volume_too_big_for_the_map_fails_alone(sim_node, daemon_factory):
     got = [e for e in d.lines if e["process"]["pid"] == summary["pid"]]
     assert len(got) == 7 and {e["file"] for e in got} == {"tls.key"}
     assert d.proc.poll() is None
+
+
+def test_a_storm_of_unfoldable_opens_cannot_stall_the_loop(sim_node, daemon_factory, notify_socket):
+    """Opens through ever-different path strings defeat folding. The drain
+    is bounded, so the loop keeps turning: watchdog pings, the heartbeat
+    /healthz reports, and in the end the counts are exact."""
+    import signal
+    import threading
+
+    from harness import notify_messages
+
+    path, sock = notify_socket
+    pod = sim_node.add_pod("shop", "web-0", [VolumeSpec("secret", "certs", {"tls.key": b"K"})],
+                           service_account=False)
+    ctr = pod.add_container("app")
+    env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="1000000")
+    d = daemon_factory(sim_node.write_config(ring_buffer_size=64 << 20), output="none", env=env)
+    storm = [ctr.start_reader("/run/secrets/certs/tls.key", count=0, vary_path=True) for _ in range(2)]
+    pings: list[float] = []
+    stop = threading.Event()
+
+    def listen():
+        while not stop.is_set():
+            for m in notify_messages(sock, timeout=0.5):
+                if "WATCHDOG=1" in m:
+                    pings.append(time.monotonic())
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    try:
+        for r in storm:
+            r.go()
+        # A backlog first: the ring fills while the daemon is stopped.
+        d.proc.send_signal(signal.SIGSTOP)
+        time.sleep(3)
+        d.proc.send_signal(signal.SIGCONT)
+        resumed = time.monotonic()
+        worst_answer = worst_heartbeat = 0.0
+        time.sleep(0.3)   # the first turn after SIGCONT: the stop itself is no stall
+        while time.monotonic() - resumed < 8:
+            t0 = time.monotonic()
+            health = json.loads(d.get("/healthz")[1])
+            worst_answer = max(worst_answer, time.monotonic() - t0)
+            worst_heartbeat = max(worst_heartbeat, health["loop_heartbeat_age_seconds"])
+            time.sleep(0.2)
+    finally:
+        summaries = [r.stop() for r in storm]
+        stop.set()
+        listener.join(5)
+    opened = sum(s["opened"] for s in summaries)
+    assert opened > 10000, summaries
+    assert worst_answer < 1.0 and worst_heartbeat < 1.0, (worst_answer, worst_heartbeat)
+    gaps = [b - a for a, b in zip(pings, pings[1:]) if a > resumed + 0.5]
+    assert gaps and max(gaps) < 1.5, gaps
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = d.get("/metrics")[1].decode()
+        seen = metric_value(text, "kernel_monitor_secret_access_total", namespace="shop", secret="certs")
+        if seen >= opened:
+            break
+        time.sleep(0.5)
+    assert seen == opened
+    assert d.proc.poll() is None

@@ -3,41 +3,15 @@ one is logged and the running config kept. systemd hears RELOADING=1
 then READY=1 (Type=notify)."""
 import os
 import signal
-import socket
 import time
 
 import pytest
 import yaml
 
-from harness import daemon_factory  # noqa: F401  (fixture)
+from harness import daemon_factory, notify_messages  # noqa: F401  (fixture)
 from tapio_node.simulate import VolumeSpec
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture
-def notify_socket(tmp_path):
-    path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(0.2)
-    yield path, sock
-    sock.close()
-
-
-def _messages(sock, until=None, timeout=10.0):
-    got = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            got.append(sock.recv(4096).decode())
-        except socket.timeout:
-            if until is None:
-                break
-            continue
-        if until is not None and until(got):
-            break
-    return got
 
 
 def test_sighup_applies_a_valid_config_and_keeps_the_old_on_error(sim_node, daemon_factory,
@@ -52,7 +26,7 @@ def test_sighup_applies_a_valid_config_and_keeps_the_old_on_error(sim_node, daem
     env = dict(os.environ, NOTIFY_SOCKET=path)
     d = daemon_factory(cfg_path, env=env)
     assert any(m.startswith("READY=1") or "\nREADY=1" in m
-               for m in _messages(sock, until=lambda g: any("READY=1" in m for m in g)))
+               for m in notify_messages(sock, until=lambda g: any("READY=1" in m for m in g)))
 
     # A reader loops through both reloads: no open may be lost.
     loop = ctr.start_reader("/run/secrets/certs/tls.key", count=0, interval=0.001)
@@ -64,7 +38,7 @@ def test_sighup_applies_a_valid_config_and_keeps_the_old_on_error(sim_node, daem
     with open(cfg_path, "w") as fh:
         fh.write(good.replace("kernel_collector:", "kernel_collector:\n  buffer_size: many"))
     d.proc.send_signal(signal.SIGHUP)
-    msgs = _messages(sock, until=lambda g: sum("READY=1" in m for m in g) >= 1)
+    msgs = notify_messages(sock, until=lambda g: sum("READY=1" in m for m in g) >= 1)
     assert any("RELOADING=1" in m for m in msgs)
     deadline = time.monotonic() + 5
     while not any("reload refused" in line for line in d.stderr) and time.monotonic() < deadline:
@@ -79,7 +53,7 @@ def test_sighup_applies_a_valid_config_and_keeps_the_old_on_error(sim_node, daem
     with open(cfg_path, "w") as fh:
         yaml.safe_dump(cfg, fh)
     d.proc.send_signal(signal.SIGHUP)
-    msgs = _messages(sock, until=lambda g: any("READY=1" in m for m in g))
+    msgs = notify_messages(sock, until=lambda g: any("READY=1" in m for m in g))
     assert any("RELOADING=1" in m for m in msgs)
     deadline = time.monotonic() + 5
     while not any("configuration reloaded" in line for line in d.stderr) and time.monotonic() < deadline:
@@ -96,4 +70,4 @@ def test_sighup_applies_a_valid_config_and_keeps_the_old_on_error(sim_node, daem
     assert d.proc.poll() is None
     rc, _ = d.stop()
     assert rc == 0
-    assert any("STOPPING=1" in m for m in _messages(sock))
+    assert any("STOPPING=1" in m for m in notify_messages(sock))
