@@ -1,16 +1,23 @@
 """The HTTP endpoint on `listen_address`: GET /metrics and GET /healthz.
 
-A threaded WSGI server in a daemon thread, like prometheus_client's
-start_http_server, but closable (tests and reloads need the port back) and
-with /healthz next to /metrics.
+A WSGI server in a daemon thread, like prometheus_client's
+start_http_server, but closable (tests and reloads need the port back), with
+/healthz next to /metrics, and bounded: anyone who can reach the port (a
+pod, on a node-wide address) must not be able to exhaust the daemon's
+threads (the unit's TasksMax) or starve /healthz. Connections wait in a
+selector until they have sent something, so an idle one holds no thread;
+a fixed pool serves requests with a per-socket timeout; idle connections
+are closed after IDLE_SECONDS and the oldest goes when MAX_WAITING wait.
 """
 from __future__ import annotations
 
 import json
+import queue
+import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
-from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
@@ -21,6 +28,11 @@ __all__ = ["serve", "Server", "ListenError", "health", "parse_listen_address", "
 
 # A loop that has not run for this long is stuck (the seed's watchdog is 30s+).
 STUCK_AFTER = 30.0
+# The bounds (see the module doc); Prometheus and a probe need one or two.
+WORKERS = 4
+MAX_WAITING = 64
+IDLE_SECONDS = 10.0
+REQUEST_TIMEOUT = 5.0
 
 
 class ListenError(OSError):
@@ -84,11 +96,82 @@ def degraded_reasons(state: DaemonState) -> list[str]:
     return out
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+class _BoundedWSGIServer(WSGIServer):
+    request_queue_size = 128   # the kernel's accept queue: a burst waits there, not in SYN retries
+    on_refused: Callable[[str], None] = staticmethod(lambda reason: None)
+
+    def server_activate(self):
+        super().server_activate()
+        self._stop = threading.Event()
+        self._jobs: queue.Queue = queue.Queue(maxsize=MAX_WAITING)
+        self._workers = [threading.Thread(target=self._work, name=f"tapio-httpd-{i}", daemon=True)
+                         for i in range(WORKERS)]
+        for t in self._workers:
+            t.start()
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        waiting: dict[socket.socket, float] = {}   # accepted, nothing sent yet -> since
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.socket, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                for key, _ in sel.select(poll_interval):
+                    if key.fileobj is self.socket:
+                        try:
+                            conn, _addr = self.socket.accept()
+                        except OSError:
+                            continue
+                        if len(waiting) >= MAX_WAITING:
+                            oldest = min(waiting, key=waiting.get)
+                            sel.unregister(oldest)
+                            del waiting[oldest]
+                            self._drop(oldest, "too_many")
+                        waiting[conn] = time.monotonic()
+                        sel.register(conn, selectors.EVENT_READ)
+                        continue
+                    conn = key.fileobj
+                    sel.unregister(conn)
+                    del waiting[conn]
+                    try:
+                        self._jobs.put_nowait(conn)
+                    except queue.Full:
+                        self._drop(conn, "too_many")
+                cutoff = time.monotonic() - IDLE_SECONDS
+                for conn in [c for c, since in waiting.items() if since < cutoff]:
+                    sel.unregister(conn)
+                    del waiting[conn]
+                    self._drop(conn, "idle")
+        for conn in waiting:
+            conn.close()
+
+    def _drop(self, conn: socket.socket, reason: str) -> None:
+        conn.close()
+        self.on_refused(reason)
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn = self._jobs.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                conn.settimeout(REQUEST_TIMEOUT)
+                self.finish_request(conn, conn.getpeername())
+            except Exception:  # a client that vanished or stalled: its problem
+                pass
+            finally:
+                self.shutdown_request(conn)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        for t in self._workers:
+            t.join(REQUEST_TIMEOUT + 1)
+        while not self._jobs.empty():
+            self._jobs.get_nowait().close()
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = REQUEST_TIMEOUT   # also bounds a client that sends its request slowly
+
     def log_message(self, format, *args):  # scrapes every 15s would spam stderr
         pass
 
@@ -111,8 +194,8 @@ class Server:
         if self._thread is None:
             return
         self._httpd.shutdown()
-        self._httpd.server_close()
         self._thread.join()
+        self._httpd.server_close()
         self._thread = None
 
     def __enter__(self):
@@ -165,8 +248,9 @@ def serve(listen_address: str, metrics: Metrics, state_fn: Callable[[], DaemonSt
                           "fix kernel_collector.listen_address") from None
     family, _, _, _, sockaddr = infos[0]
 
-    class ServerClass(_ThreadingWSGIServer):
+    class ServerClass(_BoundedWSGIServer):
         address_family = family
+        on_refused = staticmethod(metrics.http_refused)
 
     try:
         httpd = make_server(sockaddr[0], sockaddr[1], make_app(metrics, state_fn, stuck_after),

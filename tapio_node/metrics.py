@@ -147,6 +147,9 @@ class Metrics:
                                       "Map entries a resync had to add or remove (missed inotify events)", registry=r)
         self._dropped = Counter(f"{p}_series_dropped",
                                 f"Label sets refused by the cardinality guard (counted under {OVERFLOW})", registry=r)
+        self._http_refused = Counter(f"{p}_http_connections_refused",
+                                     "Connections to listen_address closed unserved (too many, idle too long)",
+                                     ["reason"], registry=r)
         self._series: set[tuple] = set()
         self._refused: set[tuple] = set()
         self._children: dict[tuple, object] = {}
@@ -187,6 +190,10 @@ class Metrics:
             if len(self._children) < 4 * self.max_series:
                 self._children[(metric, labels)] = child
         return child
+
+    def http_refused(self, reason: str) -> None:
+        """A connection closed unserved: "too_many" or "idle" (a fixed set)."""
+        self._http_refused.labels(reason).inc()
 
     def resync(self, reason: str, discrepancies: int = 0) -> None:
         self._resyncs.labels(*self._guard("resync", (reason,))).inc()

@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -245,3 +246,28 @@ def test_real_prometheus_scrape(server, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_idle_connections_cannot_exhaust_the_listener(server):
+    """200 idle connections (more than the unit's TasksMax would allow
+    threads for): /healthz and /metrics still answer, at once."""
+    from harness import metric_value
+
+    srv, _, _ = server
+    idle = []
+    try:
+        for _ in range(200):
+            idle.append(socket.create_connection((srv.host, srv.port), timeout=5))
+        t0 = time.monotonic()
+        code, _, body = get(srv.url + "/healthz")
+        assert code == 200 and json.loads(body)["status"] == "healthy"
+        code, _, body = get(srv.url + "/metrics")
+        assert code == 200
+        assert time.monotonic() - t0 < 2.0
+        assert threading.active_count() < 20
+        # The oldest idle ones were closed to make room, and counted.
+        text = body.decode()
+        assert metric_value(text, "kernel_monitor_http_connections_refused_total", reason="too_many") >= 1
+    finally:
+        for s in idle:
+            s.close()
