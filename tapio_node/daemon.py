@@ -10,6 +10,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 
 import msgspec
@@ -96,6 +97,11 @@ class Daemon:
         self.unresolved = 0
         self.failed_groups = 0
         self.drain_cut = 0  # drains ended by DRAIN_BUDGET_SECONDS with records left
+        # Loss counts as last seen, and when each last grew (/healthz degraded);
+        # state() runs in the HTTP threads and the loop.
+        self._loss_seen: dict[str, int] = {}
+        self._loss_grew: dict[str, float] = {}
+        self._loss_lock = threading.Lock()
         self._behind = False  # the last drain was cut: poll again at once
         self.last_event_mono: float | None = None
         self.heartbeat = time.monotonic()
@@ -120,12 +126,19 @@ class Daemon:
 
         now = time.monotonic()
         drops = 0
+        kstats = {}
         if self.kernel is not None and self.kernel.obj is not None:
             try:
-                drops = self.kernel.stats()["drops"]
+                kstats = self.kernel.stats()
+                drops = kstats["drops"]
             except OSError:
                 pass
+        lost = {"kernel_lost": kstats.get("lost", 0), "fd_race": kstats.get("fd_races", 0),
+                "syscall_drop": kstats.get("syscall_drops", 0),
+                "bad_record": self.reader.bad_records if self.reader is not None else 0,
+                "failed_group": self.failed_groups, "unresolved": self.unresolved}
         return DaemonState(
+            events_lost=lost, losing=self._losing(lost, now),
             ebpf_loaded=bool(self.kernel is not None and self.kernel.obj is not None
                              and self.kernel.programs()),
             ring_buffer_active=self.reader is not None and self.ready,
@@ -140,6 +153,17 @@ class Daemon:
             status=self.status_text,
             watch_capacity_exceeded=self.volumes.capacity_exceeded if self.volumes else 0,
             volumes_over_capacity=len(self.volumes.over_capacity) if self.volumes else 0)
+
+    def _losing(self, lost: dict[str, int], now: float) -> list[str]:
+        """Loss reasons whose count grew within LOSS_RECENT_SECONDS."""
+        from tapio_node.metrics import LOSS_RECENT_SECONDS
+
+        with self._loss_lock:
+            for reason, n in lost.items():
+                if n > self._loss_seen.get(reason, 0):
+                    self._loss_grew[reason] = now
+                self._loss_seen[reason] = n
+            return sorted(r for r, t in self._loss_grew.items() if now - t < LOSS_RECENT_SECONDS)
 
     # -- start-up ----------------------------------------------------------
     def _progress(self, done: int, total: int, files: int) -> None:

@@ -90,6 +90,10 @@ def degraded_reasons(state: DaemonState) -> list[str]:
     """Why the daemon runs but sees less than everything (HTTP 200, status
     "degraded": restarting would not help)."""
     out = []
+    if state.losing:
+        out.append("accesses lost in the last minute: "
+                   + ", ".join(f"{r} ({state.events_lost.get(r, 0)} in all)" for r in state.losing)
+                   + " (see kernel_monitor_events_lost_total)")
     if state.volumes_over_capacity:
         out.append(f"{state.volumes_over_capacity} volumes not indexed: watched_inodes is full "
                    "(raise kernel_collector.max_watched_files)")

@@ -44,6 +44,18 @@ _ACCESS_KIND = {
 }
 
 
+# Every way an access can go unreported; each is counted, never silent.
+LOSS_REASONS = {
+    "kernel_lost": "the ring buffer and the overflow map were both full",
+    "fd_race": "the fd was closed by another thread before the exit hook read it",
+    "syscall_drop": "a sampled pod_syscall record found the ring buffer full",
+    "bad_record": "a ring-buffer record the daemon could not decode",
+    "failed_group": "a decoded access the daemon failed to turn into an event",
+    "unresolved": "an access to a volume removed before its record was read",
+}
+LOSS_RECENT_SECONDS = 60.0
+
+
 class DaemonState(msgspec.Struct, kw_only=True):
     """What the daemon knows about itself, read at each scrape and /healthz."""
     ebpf_loaded: bool
@@ -57,6 +69,10 @@ class DaemonState(msgspec.Struct, kw_only=True):
     loop_heartbeat_age_seconds: float
     backend: str
     status: str
+    # Accesses that could not be reported, by reason (LOSS_REASONS), and
+    # the reasons whose count grew within LOSS_RECENT_SECONDS.
+    events_lost: dict[str, int] = {}
+    losing: list[str] = []
     # Volumes that did not fit in watched_inodes: ever, and now.
     watch_capacity_exceeded: int = 0
     volumes_over_capacity: int = 0
@@ -98,6 +114,13 @@ class _StateCollector(Collector):
         yield _gauge(f"{p}_watched_volumes", "ConfigMap/Secret/projected volumes in the inode map", state.watched_volumes)
         yield _gauge(f"{p}_watched_files", "Files (inodes) in the inode map", state.watched_files)
         yield _gauge(f"{p}_watched_pods", "Pods with at least one watched volume", state.watched_pods)
+        lost = CounterMetricFamily(f"{p}_events_lost",
+                                   "Accesses that could not be reported, by reason: "
+                                   + "; ".join(f"{k}: {v}" for k, v in LOSS_REASONS.items()),
+                                   labels=["reason"])
+        for reason in LOSS_REASONS:
+            lost.add_metric([reason], state.events_lost.get(reason, 0))
+        yield lost
         yield CounterMetricFamily(f"{p}_watch_capacity_exceeded",
                                   "Times a volume could not be indexed: watched_inodes full "
                                   "(see max_watched_files)", value=state.watch_capacity_exceeded)

@@ -271,3 +271,22 @@ def test_idle_connections_cannot_exhaust_the_listener(server):
     finally:
         for s in idle:
             s.close()
+
+
+def test_losses_are_exported_and_make_healthz_degraded(server):
+    from harness import metric_value
+    from tapio_node.metrics import LOSS_REASONS
+
+    srv, _, current = server
+    text = get(srv.url + "/metrics")[2].decode()
+    for reason in LOSS_REASONS:
+        assert f'kernel_monitor_events_lost_total{{reason="{reason}"}} 0.0' in text
+    assert json.loads(get(srv.url + "/healthz")[2])["status"] == "healthy"
+    current["s"] = state(events_lost={"fd_race": 3, "unresolved": 1}, losing=["fd_race"])
+    code, _, body = get(srv.url + "/healthz")
+    b = json.loads(body)
+    assert code == 200 and b["status"] == "degraded"
+    assert any("fd_race (3 in all)" in r for r in b["degraded"])
+    text = get(srv.url + "/metrics")[2].decode()
+    assert metric_value(text, "kernel_monitor_events_lost_total", reason="fd_race") == 3
+    assert metric_value(text, "kernel_monitor_events_lost_total", reason="unresolved") == 1
