@@ -420,6 +420,8 @@ class Daemon:
             # The kubelet has not made its pods dir yet: look again.
             self.volumes.scan_all()
         self.volumes.prune_graveyard()
+        if self.metrics is not None:
+            self.metrics.expire(self.volumes.volumes.keys(), now)
         self._set_status()
         self.notifier.status(self.status_text)
 
@@ -497,14 +499,14 @@ class Daemon:
         if self.podspecs is not None:
             event = self._with_spec(event, vol, key)
         if event_type == ev.PROJECTED_ACCESS:
-            metrics.access(event_type, event.namespace, vol.name, count)
+            metrics.access(event_type, event.namespace, vol.name, count, volume_id=vol.id)
             # A projected key from a ConfigMap/Secret also counts for that
             # object, so "which secrets are never read" sees every mount.
             also = PROJECTED_SOURCE_EVENT.get(event.source_kind or "")
             if also and event.config_name_source == "pod_spec":
-                metrics.access(also, event.namespace, event.config_name, count)
+                metrics.access(also, event.namespace, event.config_name, count, volume_id=vol.id)
         else:
-            metrics.access(event_type, event.namespace, event.config_name, count)
+            metrics.access(event_type, event.namespace, event.config_name, count, volume_id=vol.id)
         if cross_pod:
             metrics.cross_pod(event.namespace, vol.kind, count)
         self.sink.emit(event, count, stamps, first, last)

@@ -14,7 +14,8 @@ distinct label sets that were refused.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Container
 
 import msgspec
 import prometheus_client
@@ -54,6 +55,11 @@ LOSS_REASONS = {
     "unresolved": "an access to a volume removed before its record was read",
 }
 LOSS_RECENT_SECONDS = 60.0
+# A gone volume's series stay this long, so scrapes see their last value.
+SERIES_GRACE_SECONDS = 300.0
+# kube-api-access-<5 random chars>: one name per pod, so one label for all.
+_SA_VOLUME = re.compile(r"kube-api-access-[a-z0-9]{5}")
+SA_VOLUME_LABEL = "kube-api-access"
 
 
 class DaemonState(msgspec.Struct, kw_only=True):
@@ -174,6 +180,10 @@ class Metrics:
                                      "Connections to listen_address closed unserved (too many, idle too long)",
                                      ["reason"], registry=r)
         self._series: set[tuple] = set()
+        # Access series -> the volumes that counted in it; ownerless series
+        # -> when they are deleted (expire()).
+        self._owners: dict[tuple, set[int]] = {}
+        self._expiring: dict[tuple, float] = {}
         self._refused: set[tuple] = set()
         self._children: dict[tuple, object] = {}
         self._state_fn: Callable[[], DaemonState] | None = None
@@ -182,12 +192,24 @@ class Metrics:
     # -- the daemon's activity
 
     def access(self, event_type: str, namespace: str | None, name: str | None, count: int = 1,
-               cross_pod: bool = False) -> None:
-        """Count `count` opens of a file of volume/object `name` in `namespace`."""
+               cross_pod: bool = False, volume_id: int | None = None) -> None:
+        """Count `count` opens of a file of volume/object `name` in `namespace`;
+        volume_id: the watched volume behind it, so the series can go with it."""
         kind = _ACCESS_KIND.get(event_type)
         if kind is None:
             raise ValueError(f"unknown access event type {event_type!r}; expected one of {sorted(_ACCESS_KIND)}")
-        self._child(kind, self._access[kind], (namespace or "", name or "")).inc(count)
+        if kind == "projected" and name and _SA_VOLUME.fullmatch(name):
+            name = SA_VOLUME_LABEL
+        labels = (namespace or "", name or "")
+        self._child(kind, self._access[kind], labels).inc(count)
+        if volume_id is not None:
+            series = (kind, labels)
+            owners = self._owners.get(series)
+            if owners is None:
+                owners = self._owners[series] = set()
+            if volume_id not in owners:
+                owners.add(volume_id)
+                self._expiring.pop(series, None)
         if cross_pod:
             self.cross_pod(namespace, kind, count)
 
@@ -213,6 +235,27 @@ class Metrics:
             if len(self._children) < 4 * self.max_series:
                 self._children[(metric, labels)] = child
         return child
+
+    def expire(self, live_volumes: Container[int], now: float) -> int:
+        """Delete the access series whose volumes are all gone, once they
+        have been ownerless for SERIES_GRACE_SECONDS (pod churn must not
+        fill the metrics_max_series cap for good). Returns how many went."""
+        for series, owners in list(self._owners.items()):
+            owners.difference_update([v for v in owners if v not in live_volumes])
+            if not owners:
+                del self._owners[series]
+                self._expiring.setdefault(series, now + SERIES_GRACE_SECONDS)
+        gone = [series for series, at in self._expiring.items() if at <= now]
+        for series in gone:
+            del self._expiring[series]
+            kind, labels = series
+            try:
+                self._access[kind].remove(*labels)
+            except KeyError:
+                pass
+            self._children.pop(series, None)
+            self._series.discard(series)
+        return len(gone)
 
     def http_refused(self, reason: str) -> None:
         """A connection closed unserved: "too_many" or "idle" (a fixed set)."""
