@@ -136,7 +136,8 @@ class Daemon:
         lost = {"kernel_lost": kstats.get("lost", 0), "fd_race": kstats.get("fd_races", 0),
                 "syscall_drop": kstats.get("syscall_drops", 0),
                 "bad_record": self.reader.bad_records if self.reader is not None else 0,
-                "failed_group": self.failed_groups, "unresolved": self.unresolved}
+                "failed_group": self.failed_groups, "unresolved": self.unresolved,
+                "output_dropped": getattr(self.sink, "dropped_lines", 0)}
         return DaemonState(
             events_lost=lost, losing=self._losing(lost, now),
             ebpf_loaded=bool(self.kernel is not None and self.kernel.obj is not None
@@ -666,12 +667,15 @@ def run(config_path: str | None, output: str) -> int:
     daemon = Daemon(kc, output=output, config_path=config_path)
     try:
         daemon.start()
-        return daemon.run()
+        rc = daemon.run()
     except KernelUnavailable as exc:
         print(f"tapio-node: cannot start: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
-        return 0
+        # Not a clean exit: Restart=on-failure must bring us back.
+        print("tapio-node: stdout was closed by its reader (EPIPE): events after that were "
+              "not written; exiting 1", file=sys.stderr)
+        return 1
     except OSError as exc:
         if getattr(exc, "errno", None) in (errno.EPERM, errno.EACCES):
             print(f"tapio-node: cannot start: {exc} (needs root or CAP_BPF+CAP_PERFMON; "
@@ -681,3 +685,9 @@ def run(config_path: str | None, output: str) -> int:
         return 1
     finally:
         daemon.close()
+    dropped = getattr(daemon.sink, "dropped_lines", 0)
+    if dropped:
+        print(f"tapio-node: {dropped} events were dropped because stdout was not being read; "
+              "exiting 1", file=sys.stderr)
+        return 1
+    return rc

@@ -270,7 +270,9 @@ class JournalSink:
             except OSError as e:
                 self._notice(f"journald send failed ({e}); writing records to stderr until it works again")
         stream = self._stream or sys.stderr
-        stream.write(f"<{fields['PRIORITY']}>{fields['MESSAGE']}\n")
+        # One record, one line: a newline in a command or path must not
+        # forge a second log line (the journal itself keeps fields apart).
+        stream.write(f"<{fields['PRIORITY']}>{_one_line(fields['MESSAGE'])}\n")
         stream.flush()
 
     def _notice(self, text: str) -> None:
@@ -280,3 +282,11 @@ class JournalSink:
         stream = self._stream or sys.stderr
         stream.write(f"<4>{self.identifier}: {text}\n")
         stream.flush()
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+
+def _one_line(text: str) -> str:
+    """Control characters as \\xNN (backslashes doubled, so it stays unambiguous)."""
+    return text.replace("\\", "\\\\").translate(_CONTROL)

@@ -53,6 +53,7 @@ LOSS_REASONS = {
     "bad_record": "a ring-buffer record the daemon could not decode",
     "failed_group": "a decoded access the daemon failed to turn into an event",
     "unresolved": "an access to a volume removed before its record was read",
+    "output_dropped": "an event line stdout's reader did not take in time (it stopped reading)",
 }
 LOSS_RECENT_SECONDS = 60.0
 # A gone volume's series stay this long, so scrapes see their last value.

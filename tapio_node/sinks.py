@@ -4,16 +4,19 @@ kernel timestamps of each access."""
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import select
 import sys
 import threading
+import time
 
 import msgspec
 
 from tapio_node import events as ev
 
 _PLACEHOLDER = "\x00tapio-ts\x00"
+log = logging.getLogger("tapio_node.sinks")
 
 
 class StdoutSink:
@@ -22,7 +25,12 @@ class StdoutSink:
 
     A writer thread does the blocking writes, so a slow reader of our
     stdout (a pipe to jq, a log shipper) never stalls the ring-buffer
-    drain; up to max_pending bytes wait in memory before we block."""
+    drain; up to max_pending bytes wait in memory. Beyond that we wait at
+    most STALL_SECONDS per flush, then drop the batch and count its lines
+    (`dropped_lines`): a reader that stopped reading must not stop the
+    daemon, its watchdog or its SIGTERM."""
+
+    STALL_SECONDS = 0.5
 
     def __init__(self, stream=None, clock: ev.Clock | None = None,
                  max_pending: int = 16 << 20):
@@ -36,6 +44,7 @@ class StdoutSink:
         self._cond = threading.Condition()
         self._closed = False
         self.error: BaseException | None = None
+        self.dropped_lines = 0
         self._thread = threading.Thread(target=self._writer, name="tapio-stdout", daemon=True)
         self._thread.start()
 
@@ -102,8 +111,20 @@ class StdoutSink:
             if not data:
                 return
         with self._cond:
+            deadline = time.monotonic() + self.STALL_SECONDS
             while self._pending > self.max_pending and self._thread.is_alive():
-                self._cond.wait(1.0)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            if self._pending > self.max_pending:
+                lines = data.count(b"\n")
+                if not self.dropped_lines:
+                    log.error("stdout is not being read (%d bytes waiting): dropping events, "
+                              "counted in kernel_monitor_events_lost_total{reason=\"output_dropped\"}",
+                              self._pending)
+                self.dropped_lines += lines
+                return
             self._chunks.append(data)
             self._pending += len(data)
             self._cond.notify_all()

@@ -19,7 +19,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 class TapioProcess:
     def __init__(self, config_path: str, output: str = "stdout", env: dict | None = None,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, read_stdout: bool = True):
+        """read_stdout=False: nobody reads the daemon's stdout (a stalled consumer)."""
         with open(config_path) as fh:
             self.config = yaml.safe_load(fh)["kernel_collector"]
         self.listen = self.config["listen_address"]
@@ -33,8 +34,9 @@ class TapioProcess:
         self.raw_stdout: list[bytes] = []
         self.stderr: list[str] = []
         self._cond = threading.Condition()
-        self._threads = [threading.Thread(target=self._read_out, daemon=True),
-                         threading.Thread(target=self._read_err, daemon=True)]
+        self._threads = [threading.Thread(target=self._read_err, daemon=True)]
+        if read_stdout:
+            self._threads.append(threading.Thread(target=self._read_out, daemon=True))
         for t in self._threads:
             t.start()
 

@@ -169,3 +169,47 @@ def test_a_storm_of_unfoldable_opens_cannot_stall_the_loop(sim_node, daemon_fact
         time.sleep(0.5)
     assert seen == opened
     assert d.proc.poll() is None
+
+
+def test_a_stalled_stdout_reader_cannot_stop_the_daemon(sim_node, daemon_factory):
+    """Nobody reads our stdout: events beyond the buffer are dropped and
+    counted, the loop and SIGTERM still work, and the exit status says
+    output was lost (so Restart=on-failure would act)."""
+    pod = sim_node.add_pod("shop", "web-0", [VolumeSpec("secret", "certs", {"tls.key": b"K"})],
+                           service_account=False)
+    ctr = pod.add_container("app")
+    d = daemon_factory(sim_node.write_config(), read_stdout=False)
+    storm = ctr.start_reader("/run/secrets/certs/tls.key", count=0, vary_path=True)
+    storm.go()
+    try:
+        deadline = time.monotonic() + 60
+        dropped = 0
+        while time.monotonic() < deadline and not dropped:
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            text = d.get("/metrics")[1].decode()
+            assert time.monotonic() - t0 < 2.0
+            dropped = metric_value(text, "kernel_monitor_events_lost_total", reason="output_dropped")
+        assert dropped > 0
+        health = json.loads(d.get("/healthz")[1])
+        assert health["status"] == "degraded" and health["loop_heartbeat_age_seconds"] < 2.0
+    finally:
+        storm.stop()
+    rc, took = d.stop(timeout=15)
+    assert rc == 1 and took < 15
+    assert any("dropped because stdout was not being read" in line for line in d.stderr)
+
+
+def test_epipe_on_stdout_exits_non_zero(sim_node, daemon_factory):
+    pod = sim_node.add_pod("shop", "web-0", [VolumeSpec("secret", "certs", {"tls.key": b"K"})],
+                           service_account=False)
+    ctr = pod.add_container("app")
+    d = daemon_factory(sim_node.write_config(), read_stdout=False)
+    d.proc.stdout.close()   # the consumer went away
+    ctr.start_reader("/run/secrets/certs/tls.key", count=3).wait()
+    rc = d.proc.wait(timeout=30)
+    assert rc == 1
+    deadline = time.monotonic() + 5
+    while not any("EPIPE" in line for line in d.stderr) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any("stdout was closed by its reader (EPIPE)" in line for line in d.stderr), d.stderr

@@ -207,3 +207,12 @@ def test_optional_event_fields():
     assert f["TAPIO_SERVICE_ACCOUNT"] == "web-sa"
     assert f["TAPIO_SYSCALL"] == "openat2"
     assert f["TAPIO_STALE_INODE"] == "true"
+
+
+def test_fallback_cannot_be_forged_by_a_newline_in_a_name():
+    """A command or key with a newline stays one stderr line."""
+    s, out, _ = sink(window=0)
+    s.emit(make_event(comm="x\n<3>kubelet", file="pass\nword"))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2   # the fallback notice, then the record
+    assert lines[1].startswith("<6>x\\x0a<3>kubelet[1234]") and "pass\\x0aword" in lines[1]
