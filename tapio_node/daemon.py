@@ -182,6 +182,11 @@ class Daemon:
         from tapio_node.volumes import VolumeIndex
 
         kc = self.kc
+        # First of all: a SIGHUP (a reload) or SIGTERM during a long start-up
+        # must not kill us with the kernel half set up; the loop acts on them.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
         self.metrics = Metrics(max_series=kc.metrics_max_series)
         if not kc.enable_ebpf:
             raise KernelUnavailable("enable_ebpf is false: nothing to collect (set it to true)")
@@ -279,9 +284,6 @@ class Daemon:
         self._sig_r.setblocking(False)
         self._sig_w.setblocking(False)
         signal.set_wakeup_fd(self._sig_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_hup)
         self._register(self._sig_r.fileno(), self._drain_signals)
         self._register(self.reader.fileno(), None)
         self._register(self.volumes.fileno(), self._on_volumes)

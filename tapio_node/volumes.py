@@ -120,6 +120,7 @@ class VolumeIndex:
         # Times a volume could not be watched for lack of map room, and
         # the volumes in that state now (/healthz degraded).
         self.capacity_exceeded = 0
+        self._volumes_of_pod: dict[str, int] = {}
         self.over_capacity: set[int] = set()
 
     # -- bookkeeping -------------------------------------------------------
@@ -146,7 +147,9 @@ class VolumeIndex:
 
     @property
     def pod_count(self) -> int:
-        return len({v.pod_uid for v in self.volumes.values()})
+        # len() of a dict kept up to date: the HTTP thread reads this while
+        # the loop adds and removes volumes (iterating them there would race).
+        return len(self._volumes_of_pod)
 
     # -- kernel maps -------------------------------------------------------
     def _key_bytes(self, dev: int, gen: int | None, ino: int) -> bytes:
@@ -307,6 +310,7 @@ class VolumeIndex:
         vol = Volume(self._next_volume, uid, plugin, kind, name, path, namespace)
         self._next_volume += 1
         self.volumes[vol.id] = vol
+        self._volumes_of_pod[vol.pod_uid] = self._volumes_of_pod.get(vol.pod_uid, 0) + 1
         self.by_path[path] = vol
         return vol
 
@@ -462,6 +466,9 @@ class VolumeIndex:
     def _remove_volume(self, vol: Volume) -> int:
         if self.volumes.pop(vol.id, None) is None:
             return 0
+        left = self._volumes_of_pod.pop(vol.pod_uid, 1) - 1
+        if left:
+            self._volumes_of_pod[vol.pod_uid] = left
         self.over_capacity.discard(vol.id)
         self.by_path.pop(vol.path, None)
         changes = 0

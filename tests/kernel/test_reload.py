@@ -71,3 +71,22 @@ def test_sighup_applies_a_valid_config_and_keeps_the_old_on_error(sim_node, daem
     rc, _ = d.stop()
     assert rc == 0
     assert any("STOPPING=1" in m for m in notify_messages(sock))
+
+
+def test_sighup_during_start_up_is_a_reload_not_a_kill(sim_node, daemon_factory):
+    """The BPF programs are attached, the volumes not yet scanned: a SIGHUP
+    then (a config push racing a restart) must not kill the daemon."""
+    sim_node.add_pod("shop", "web-0", [VolumeSpec("secret", "certs", {"tls.key": b"k"})],
+                     service_account=False)
+    d = daemon_factory(sim_node.write_config(), ready=False)
+    deadline = time.monotonic() + 60
+    while not any("attached" in line for line in d.stderr) and time.monotonic() < deadline:
+        assert d.proc.poll() is None, d.stderr
+        time.sleep(0.005)
+    d.proc.send_signal(signal.SIGHUP)
+    health = d.wait_ready()
+    assert health["status"] == "healthy" and d.proc.poll() is None
+    deadline = time.monotonic() + 10
+    while not any("configuration reloaded" in line for line in d.stderr) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any("configuration reloaded" in line for line in d.stderr)
