@@ -7,11 +7,12 @@ VENV      ?= .venv
 VPY       := $(VENV)/bin/python
 APT_PKGS  := clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev pkg-config \
              libsystemd-dev python3-venv python3-dev gcc make util-linux \
-             iproute2 systemd procps prometheus liburing-dev
+             iproute2 systemd procps prometheus liburing-dev \
+             qemu-system-x86 udev kmod busybox-static
 PY_DEPS   := setuptools wheel cython msgspec pyyaml prometheus-client inotify-simple \
-             systemd-python pytest lightkube
+             systemd-python pytest lightkube virtme-ng
 
-.PHONY: all deps venv build bpf verify test test-fast demo bench deb clean mounts
+.PHONY: all deps venv build bpf verify test test-fast vmtest demo bench deb clean mounts
 
 all: build
 
@@ -45,9 +46,20 @@ mounts:
 verify: build mounts
 	$(VPY) -m tapio_node.verify
 
+# The whole suite on this kernel, then the kernel subset on Debian 12's
+# kernel in a VM (TEST_KERNELS=, empty for none).
+TEST_KERNELS ?= 6.1
 test: build mounts
 	$(VPY) -m pytest -ra tests; rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; \
+	[ $$rc -eq 0 ] || exit $$rc; \
+	if [ -n "$(TEST_KERNELS)" ]; then $(VPY) -m tests.vm.matrix --kernels "$(TEST_KERNELS)"; fi
+
+# The kernel matrix: Debian 11/12/13/14 kernels in VMs and this machine's
+# kernel (KERNELS= picks; VM_SUBSET=kernel runs all of tests/kernel).
+KERNELS ?= 5.10 6.1 6.12 7.2 host
+vmtest: build mounts
+	$(VPY) -m tests.vm.matrix --kernels "$(KERNELS)"
 
 test-fast: build
 	$(VPY) -m pytest -q tests/unit

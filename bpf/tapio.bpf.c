@@ -10,6 +10,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
 #include "tapio.h"
+#include "compat.bpf.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -184,24 +185,31 @@ static __always_inline __u64 rb_flags(__u64 size)
 	return BPF_RB_NO_WAKEUP;
 }
 
-/* Cast a pointer read with bpf_probe_read_kernel so its fields can be
- * loaded directly (inlined fault-safe loads, no helper call per field). */
-extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
-
+/* The file behind a just-returned fd of the current task. */
 static __always_inline struct file *fd_to_file(long fd)
 {
-	struct task_struct *task = bpf_get_current_task_btf();
-	struct fdtable *fdt = task->files->fdt;
+	struct file **fds;
 	struct file *file = NULL;
+	unsigned int max_fds;
 
 	/* No RCU read lock here: a racing close() can leave a stale slot, so
 	 * the caller counts a NULL as TAPIO_STAT_FD_RACE. */
-	if ((unsigned long)fd >= fdt->max_fds)
+	if (HAVE_TASK_BTF) {
+		struct fdtable *fdt = bpf_get_current_task_btf()->files->fdt;
+
+		max_fds = fdt->max_fds;
+		fds = fdt->fd;
+	} else {
+		struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+		struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+
+		max_fds = BPF_CORE_READ(fdt, max_fds);
+		fds = BPF_CORE_READ(fdt, fd);
+	}
+	if ((unsigned long)fd >= max_fds)
 		return NULL;
-	bpf_probe_read_kernel(&file, sizeof(file), &fdt->fd[fd]);
-	if (!file)
-		return NULL;
-	return bpf_rdonly_cast(file, bpf_core_type_id_kernel(struct file));
+	bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]);
+	return file;
 }
 
 static __always_inline const char *user_path(int arg)
@@ -212,7 +220,7 @@ static __always_inline const char *user_path(int arg)
 
 	if (arg < 0)
 		return NULL;
-	if (use_enter_stash) {
+	if (use_enter_stash || !HAVE_TASK_PT_REGS) {
 		stashed = bpf_map_lookup_elem(&pending_opens, &id);
 		return stashed ? (const char *)*stashed : NULL;
 	}
@@ -236,21 +244,34 @@ static __always_inline void fill_dnames(struct tapio_access_ext *ext,
 	}
 }
 
+#define MATCH_FN match_direct
+#define LD(p, field) ((p)->field)
+#define LD2(p, a, b) ((p)->a->b)
+#include "match.bpf.h"
+#undef MATCH_FN
+#undef LD
+#undef LD2
+#define MATCH_FN match_probed
+#define LD(p, field) BPF_CORE_READ(p, field)
+#define LD2(p, a, b) BPF_CORE_READ(p, a, b)
+#include "match.bpf.h"
+#undef MATCH_FN
+#undef LD
+#undef LD2
+
 static __always_inline int on_open_exit(long ret, __u32 op, int path_arg)
 {
 	struct tapio_inode_key key = {};
 	struct tapio_watch watch = {};
-	struct tapio_watch *hit;
 	struct tapio_access *rec;
 	struct tapio_access_ext *ext = NULL;
-	struct tapio_dev *dev;
-	struct dentry *dentry = NULL;
-	struct inode *inode;
+	struct inode *inode = NULL;
 	struct file *file;
 	__u32 flags = 0;
 	__u64 id;
 	const char *upath;
 	long n;
+	int hit;
 
 	if (ret < 0)
 		return 0;
@@ -259,63 +280,13 @@ static __always_inline int on_open_exit(long ret, __u32 op, int path_arg)
 		count(TAPIO_STAT_FD_RACE);
 		return 0;
 	}
-	inode = file->f_inode;
-	key.dev = inode->i_sb->s_dev;
-	/* Most opens are on devices that hold no watched volume. */
-	if (!maybe_dev(key.dev))
+	if (HAVE_RDONLY_CAST)
+		hit = match_direct(bpf_rdonly_cast(file, bpf_core_type_id_kernel(struct file)),
+				   &key, &watch, &flags, &inode);
+	else
+		hit = match_probed(file, &key, &watch, &flags, &inode);
+	if (!hit)
 		return 0;
-	dev = bpf_map_lookup_elem(&watched_devs, &key.dev);
-	if (!dev)
-		return 0;
-	if ((inode->i_mode & S_IFMT) != S_IFREG)
-		return 0;
-	key.ino = inode->i_ino;
-	if (dev->flags & TAPIO_DEV_USE_GEN)
-		key.gen = inode->i_generation;
-
-	hit = maybe_ino(key.ino) ? bpf_map_lookup_elem(&watched_inodes, &key) : NULL;
-	if (hit) {
-		watch = *hit;
-	} else if (dev->flags & TAPIO_DEV_WHOLE) {
-		/* A new file on a per-volume tmpfs that user space has not
-		 * indexed yet (atomic-writer update in flight). */
-		watch.volume_id = dev->volume_id;
-		flags |= TAPIO_F_BY_DEV;
-	} else if (dev->flags & TAPIO_DEV_WALK) {
-		struct tapio_inode_key dkey = { .dev = key.dev };
-		struct dentry *d = file->f_path.dentry;
-		struct dentry *parent;
-		struct inode *pi;
-		__u32 *vol;
-
-		/* Direct loads and the inode filter keep this cheap for the
-		 * shared disk's other files; a hash lookup only on a filter hit. */
-#pragma unroll
-		for (int i = 0; i < TAPIO_DNAMES; i++) {
-			parent = d->d_parent;
-			if (!parent || parent == d)
-				break;
-			pi = parent->d_inode;
-			if (!pi)
-				break;
-			dkey.ino = pi->i_ino;
-			if (maybe_ino(dkey.ino)) {
-				if (dev->flags & TAPIO_DEV_USE_GEN)
-					dkey.gen = pi->i_generation;
-				vol = bpf_map_lookup_elem(&watched_dirs, &dkey);
-				if (vol) {
-					watch.volume_id = *vol;
-					flags |= TAPIO_F_BY_DIR;
-					break;
-				}
-			}
-			d = parent;
-		}
-		if (!watch.volume_id)
-			return 0;
-	} else {
-		return 0;
-	}
 
 	id = bpf_get_current_pid_tgid();
 	if ((__u32)(id >> 32) == self_tgid)
@@ -355,8 +326,7 @@ static __always_inline int on_open_exit(long ret, __u32 op, int path_arg)
 	}
 	rec->flags = flags;
 	if (ext) {
-		dentry = BPF_CORE_READ(file, f_path.dentry);
-		fill_dnames(ext, dentry);
+		fill_dnames(ext, BPF_CORE_READ(file, f_path.dentry));
 		bpf_ringbuf_submit(ext, rb_flags(sizeof(*ext)));
 	} else {
 		bpf_ringbuf_submit(rec, rb_flags(sizeof(*rec)));
@@ -424,20 +394,29 @@ int trace_config_access_by_handle(struct trace_event_raw_sys_exit *ctx)
 /* io_uring IORING_OP_OPENAT/OPENAT2 make no open syscall: catch their
  * completion instead. The fd is installed in the submitter's table, which
  * io-wq workers share, so the same fd -> inode resolution applies. The
- * filename is already freed at completion: no path for these. */
-SEC("tp_btf/io_uring_complete")
-int BPF_PROG(trace_config_access_uring, struct io_ring_ctx *ring, void *req,
-	     struct io_uring_cqe *cqe)
+ * filename is already freed at completion: no path for these.
+ *
+ * The classic tracepoint, not tp_btf: its record has kept the same fields
+ * since the request pointer was added, while the tp_btf arguments changed
+ * in 6.0 and again in 6.4. Where the record has no request (older kernels)
+ * the opcode is unknown and user space keeps this program off. */
+SEC("tracepoint/io_uring/io_uring_complete")
+int trace_config_access_uring(struct trace_event_raw_io_uring_complete *ctx)
 {
-	struct io_kiocb *r = req;
-	__u8 opcode = BPF_CORE_READ(r, opcode);
+	struct io_kiocb *req;
+	__u8 opcode;
 
+	if (!bpf_core_field_exists(ctx->req))
+		return 0;
+	req = ctx->req;
+	opcode = BPF_CORE_READ(req, opcode);
 	if (opcode != IORING_OP_OPENAT && opcode != IORING_OP_OPENAT2)
 		return 0;
-	/* A direct descriptor (fixed file slot) is not an fd in the table. */
-	if (BPF_CORE_READ((struct io_open *)req, file_slot))
+	/* A direct descriptor (fixed file slot) is not an fd in the table;
+	 * the io_open command sits at the start of the request. */
+	if (HAVE_URING_FILE_SLOT && BPF_CORE_READ((struct io_open *)req, file_slot))
 		return 0;
-	on_open_exit(BPF_CORE_READ(cqe, res),
+	on_open_exit(ctx->res,
 		     opcode == IORING_OP_OPENAT ? TAPIO_OP_URING_OPENAT : TAPIO_OP_URING_OPENAT2, -1);
 	return 0;
 }

@@ -1,16 +1,15 @@
 """The kernel side as one object: load, attach, pin, maps, ring buffer."""
 from __future__ import annotations
 
-import errno
 import logging
 import os
 from importlib import resources
 
-from tapio_node import wire
+from tapio_node import compat, wire
+from tapio_node.compat import tracefs_root
 
 log = logging.getLogger("tapio_node.bpf")
 
-TRACEFS_ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 # Correlation maps for other collectors; the watch maps for troubleshooting.
 PINNED_MAPS = ("pod_info_map", "container_pids", "watched_inodes", "watched_devs", "watched_dirs")
 # Programs that exist to name a tracepoint's path for the autoload check.
@@ -41,13 +40,6 @@ def object_path() -> str:
     return str(resources.files("tapio_node").joinpath("bpf", "tapio.bpf.o"))
 
 
-def tracefs_root() -> str | None:
-    for root in TRACEFS_ROOTS:
-        if os.path.isdir(os.path.join(root, "events")):
-            return root
-    return None
-
-
 def tracepoint_exists(tp: str) -> bool:
     root = tracefs_root()
     return bool(root) and os.path.isdir(os.path.join(root, "events", tp))
@@ -67,19 +59,11 @@ class Kernel:
         self.backend = "tracepoint"
         self.path_source = "pt_regs"
         self._max_watched_files = max_watched_files
-        try:
-            self.obj = self._load(ring_buffer_size, sampling_rate, pod_correlation,
-                                  use_stash=force_enter_stash)
-        except _fast.BpfError as exc:
-            if force_enter_stash or exc.errno not in (errno.EINVAL, errno.EACCES, errno.EPERM):
-                raise
-            # bpf_task_pt_regs is newer than the rest (5.15): fall back to
-            # stashing the filename pointer at syscall entry.
-            log.warning("loading with bpf_task_pt_regs failed (%s); retrying "
-                        "with enter-tracepoint stashing", exc.strerror)
-            self.obj = self._load(ring_buffer_size, sampling_rate, pod_correlation,
-                                  use_stash=True)
-        if self.obj.get_u32(".rodata", "use_enter_stash"):
+        self.features = compat.probe()
+        # No bpf_task_pt_regs (before 5.15): stash the path at syscall entry.
+        use_stash = force_enter_stash or not self.features[compat.TASK_PT_REGS].available
+        self.obj = self._load(ring_buffer_size, sampling_rate, pod_correlation, use_stash)
+        if use_stash:
             self.path_source = "enter_stash"
         try:
             for name in self.obj.programs():
@@ -111,6 +95,8 @@ class Kernel:
                 want = sampling_rate > 0
             elif name in CORRELATION_PROGRAMS:
                 want = pod_correlation
+            elif name == "trace_config_access_uring":
+                want = self.features[compat.URING_REQUEST].available
             if want and tp and not tracepoint_exists(tp):
                 # e.g. no sys_exit_open on arm64: skip it, like libbpf-tools.
                 log.info("tracepoint %s not present; %s not loaded", tp, name)
@@ -128,6 +114,10 @@ class Kernel:
                 os.unlink(path)
             self.obj.pin(name, path)
             self.pinned.append(path)
+
+    def features_off(self) -> list[compat.Feature]:
+        """Kernel features this kernel lacks, each with what it costs."""
+        return compat.missing(self.features)
 
     def programs(self) -> list[str]:
         return self.obj.attached()

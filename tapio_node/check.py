@@ -17,11 +17,13 @@ import sys
 
 import msgspec
 
+from . import compat
+
 __all__ = ["Check", "run_checks", "preflight", "main", "format_check"]
 
 OK, FAIL, WARN = "✔", "✘", "⚠"
 
-BTF_PATH = "/sys/kernel/btf/vmlinux"
+BTF_PATH = compat.BTF_PATH
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 # Capability numbers (linux/capability.h).
@@ -124,40 +126,14 @@ def _errno_text(e: int) -> str:
 
 
 def _btf_func_id(name: str) -> int | None:
-    return _btf_type_id(name, kind=12)   # BTF_KIND_FUNC
-
-
-def _btf_type_id(name: str, kind: int, path: str = BTF_PATH) -> int | None:
-    """The vmlinux BTF id of the type `name` of `kind`, or None (a small BTF walk)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from("<HBBIIIII", data)
-    if magic != 0xEB9F:
-        return None
-    strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
-    pos = strings.find(b"\0" + name.encode() + b"\0")
-    if pos < 0:
-        return None
-    want = pos + 1
-    # Bytes after the 12-byte common header, by kind (vlen = members).
-    per_vlen = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}
-    fixed = {1: 4, 3: 12, 14: 4, 17: 4}
-    off, end, tid = hdr_len + type_off, hdr_len + type_off + type_len, 1
-    while off < end:
-        name_off, info = struct.unpack_from("<II", data, off)
-        k, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-        if k == kind and name_off == want:
-            return tid
-        off += 12 + fixed.get(k, 0) + per_vlen.get(k, 0) * vlen
-        tid += 1
-    return None
+    return compat.Btf.load(BTF_PATH).type_id(name, compat.BTF_KIND_FUNC)
 
 
 def _probe_attach(prog_type: int, attach_type: int, func: str) -> tuple[bool, str]:
     """Load a `return 0` program for func and attach it for an instant."""
     try:
         btf_id = _btf_func_id(func)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         return False, f"cannot read BTF: {e.strerror}"
     if btf_id is None:
         return False, f"{func} not in kernel BTF"
@@ -265,9 +241,7 @@ def check_bpf_syscall() -> list[Check]:
 
 
 def _tracefs(mounts) -> str | None:
-    from .bpf import TRACEFS_ROOTS
-
-    for candidate in TRACEFS_ROOTS:
+    for candidate in compat.TRACEFS_ROOTS:
         if any(p == candidate and t == "tracefs" for p, t in mounts):
             return candidate
     return None
@@ -315,6 +289,15 @@ def check_hooks(have_tracepoints: bool) -> list[Check]:
         fix="not needed: the tracepoint backend is used (BPF LSM needs CONFIG_BPF_LSM=y and "
             "'bpf' in the lsm= boot parameter)"))
     return checks
+
+
+def check_kernel_features() -> list[Check]:
+    """What the BPF side adapts to on this kernel (tapio_node/compat.py):
+    never fatal, each missing one says what it costs."""
+    return [Check(name=f"kernel feature {f.name}", ok=f.available, fatal=False,
+                  detail=f"present ({f.uses})" if f.available else f"absent before {f.since}: {f.off}",
+                  fix=f"a kernel >= {f.since} has it; the daemon runs without it")
+            for f in compat.probe().values()]
 
 
 def check_bpffs(pin_path: str, mounts) -> Check:
@@ -430,6 +413,7 @@ def run_checks(cfg, *, only_fatal: bool = False) -> list[Check]:
                             fix="see the tracefs and syscall tracepoint checks"))
     else:
         checks += check_hooks(have_tp)
+        checks += check_kernel_features()
     checks += [check_bpffs(cfg.pin_path, mounts), *check_cgroup(cfg), check_bpf_object()]
     if not only_fatal:
         checks += [

@@ -152,6 +152,7 @@ class Daemon:
             loop_heartbeat_age_seconds=now - self.heartbeat,
             backend=self.kernel.backend if self.kernel else "none",
             status=self.status_text,
+            kernel_features_off=[f.name for f in self.kernel.features_off()] if self.kernel else [],
             watch_capacity_exceeded=self.volumes.capacity_exceeded if self.volumes else 0,
             volumes_over_capacity=len(self.volumes.over_capacity) if self.volumes else 0)
 
@@ -207,6 +208,8 @@ class Daemon:
         log.info("attached %s (%s backend, paths from %s) in %.0f ms",
                  ", ".join(self.kernel.programs()), self.kernel.backend,
                  self.kernel.path_source, (time.monotonic() - t0) * 1000)
+        for feature in self.kernel.features_off():
+            log.warning("kernel lacks %s (since %s): %s", feature.name, feature.since, feature.off)
         self.reader = self.kernel.reader(capacity=max(1024, kc.buffer_size * 8),
                                          keep_timestamps=self.output == "stdout")
         self.volumes = VolumeIndex(kc.kubelet_pods_path, plugins_for(kc), self.kernel.maps,

@@ -79,6 +79,9 @@ def health(state: DaemonState | None, stuck_after: float = STUCK_AFTER) -> tuple
         "watched_volumes": state.watched_volumes,
         "watched_pods": state.watched_pods,
     }
+    if state.kernel_features_off:
+        # Not degraded: the kernel cannot do more; `tapio-node check` says the cost.
+        body["kernel_features_off"] = state.kernel_features_off
     if reason:
         body["reason"] = reason
     if degraded:

@@ -76,6 +76,8 @@ class DaemonState(msgspec.Struct, kw_only=True):
     loop_heartbeat_age_seconds: float
     backend: str
     status: str
+    # Kernel features the BPF side runs without (tapio_node/compat.py).
+    kernel_features_off: list[str] = []
     # Accesses that could not be reported, by reason (LOSS_REASONS), and
     # the reasons whose count grew within LOSS_RECENT_SECONDS.
     events_lost: dict[str, int] = {}
@@ -133,6 +135,12 @@ class _StateCollector(Collector):
                                   "(see max_watched_files)", value=state.watch_capacity_exceeded)
         yield _gauge(f"{p}_volumes_over_capacity", "Volumes not indexed now for lack of map room",
                      state.volumes_over_capacity)
+        off = GaugeMetricFamily(f"{p}_kernel_feature_missing",
+                                "1 for each kernel feature the BPF side runs without "
+                                "(tapio-node check says what it costs)", labels=["feature"])
+        for name in state.kernel_features_off:
+            off.add_metric([name], 1)
+        yield off
         yield _gauge(f"{p}_loop_heartbeat_age_seconds", "Seconds since the event loop last ran",
                      state.loop_heartbeat_age_seconds)
         if state.last_event_age_seconds is not None:

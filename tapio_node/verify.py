@@ -2,11 +2,17 @@
 (`make verify`); exit 1 naming the first one the verifier rejects."""
 import sys
 
+from tapio_node import compat
 from tapio_node.bpf import object_path, tracepoint_exists, TRACEPOINT_OF
 
 
 def main() -> int:
+    """Every program is loaded, also those the daemon would leave off for a
+    missing kernel feature: the compat code must keep the object loadable."""
     from tapio_node import _fast
+
+    for feature in compat.probe().values():
+        print(feature.describe())
 
     for stash in (0, 1):
         obj = _fast.BpfObject(object_path())

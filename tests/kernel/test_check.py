@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from tapio_node import check
+from tapio_node import check, compat
 from tapio_node.config import KernelCollector, cgroup_v2_mount
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -107,7 +107,7 @@ def test_probe_machinery_is_sound():
     """A refused fentry must be the kernel's answer, not a broken probe: the same
     loader attaches a tp_btf program (which this project's BPF object uses)."""
     need_tracing()
-    tid = check._btf_type_id("btf_trace_sched_process_fork", kind=8)  # BTF_KIND_TYPEDEF
+    tid = compat.Btf.load().type_id("btf_trace_sched_process_fork", compat.BTF_KIND_TYPEDEF)
     assert tid is not None
     ok, detail = check._probe_attach_id(check.BPF_PROG_TYPE_TRACING, 23, tid)  # BPF_TRACE_RAW_TP
     assert ok, detail

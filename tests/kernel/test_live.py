@@ -96,6 +96,50 @@ def test_map_follows_updates_and_pod_deletion(sim_node, daemon_factory):
     assert first.uid  # the first pod is untouched
 
 
+def test_inode_reuse_is_never_misattributed(sim_node, daemon_factory, tmp_path):
+    """A deleted pod's tmpfs gives its device number and inode numbers back to
+    the kernel. A new pod, and a host tmpfs, that get them again must not be
+    reported as the old pod's files."""
+    gone = _pod(sim_node, name="web-old")
+    d = daemon_factory(sim_node.write_config())
+    pin = d.config["pin_path"]
+    baseline = _pinned_count(pin, "watched_inodes")
+    old_dev = os.stat(os.path.join(gone.volume_dir("db-credentials"), "password")).st_dev
+    sim_node.remove_pod(gone)
+    deadline = time.monotonic() + 5
+    while _pinned_count(pin, "watched_inodes") > baseline - 7 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _pinned_count(pin, "watched_inodes") == baseline - 7
+
+    # A host tmpfs laid out like the old volume, likely on the old device number.
+    d.settle()
+    mark = len(d.lines)
+    host = tmp_path / "host-tmpfs"
+    host.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tapio-test", str(host)], check=True)
+    try:
+        for name in ("..data", "password", "username"):
+            (host / name).write_bytes(b"host\n")
+        with open(host / "password", "rb") as f:
+            f.read()
+        host_dev = os.stat(host / "password").st_dev
+    finally:
+        subprocess.run(["umount", str(host)], check=True)
+    d.settle()
+    assert d.lines[mark:] == []
+
+    new = _pod(sim_node, name="web-new")
+    ctr = new.add_container("app")
+    new_dev = os.stat(os.path.join(new.volume_dir("db-credentials"), "password")).st_dev
+    summary = ctr.start_reader("/run/secrets/db-credentials/password", count=3).wait()
+    d.wait_events(3, pred=lambda e: e["process"]["pid"] == summary["pid"])
+    d.settle()
+    got = [e for e in d.lines if e["process"]["pid"] == summary["pid"]]
+    assert len(got) == 3
+    assert {e["pod_uid"] for e in got} == {new.uid}, (old_dev, host_dev, new_dev)
+    assert not [e for e in d.lines[mark:] if e["pod_uid"] == gone.uid]
+
+
 def test_pod_created_after_start_is_attributed(sim_node, daemon_factory):
     d = daemon_factory(sim_node.write_config())
     t0 = time.monotonic()

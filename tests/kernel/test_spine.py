@@ -63,13 +63,45 @@ def test_each_open_syscall(sim_node, daemon_factory, syscall):
     ctr = pod.add_container("app")
     d = daemon_factory(sim_node.write_config())
     summary = _read(ctr, "/run/config/app-config/app.yaml", count=3, syscall=syscall)
-    assert summary["opened"] == 3
+    assert summary["opened"] == 3, summary["errors"]
     d.wait_events(3, pred=lambda e: e["process"]["pid"] == summary["pid"])
     d.settle()
     got = _events_for(d, summary["pid"])
     assert [e["syscall"] for e in got] == [syscall] * 3
     assert {e["event_type"] for e in got} == {"configmap_access"}
     assert {e["file"] for e in got} == {"app.yaml"}
+
+
+def test_open_by_handle_at(sim_node, daemon_factory):
+    """A handle names no path at all; the Secret's tmpfs supports handles
+    (a ConfigMap on an overlay disk may not)."""
+    pod = _web_pod(sim_node)
+    ctr = pod.add_container("app")
+    d = daemon_factory(sim_node.write_config())
+    summary = _read(ctr, "/run/secrets/certs/tls.crt", count=3, syscall="open_by_handle_at")
+    assert summary["opened"] == 3, summary["errors"]
+    d.wait_events(3, pred=lambda e: e["process"]["pid"] == summary["pid"])
+    d.settle()
+    got = _events_for(d, summary["pid"])
+    assert [(e["syscall"], e["event_type"], e["file"], e["path"]) for e in got] == \
+        [("open_by_handle_at", "secret_access", "tls.crt", "")] * 3
+
+
+def test_relative_to_a_directory_fd(sim_node, daemon_factory):
+    """openat/openat2 with a dirfd: the path string names no volume at all."""
+    pod = _web_pod(sim_node)
+    ctr = pod.add_container("app")
+    d = daemon_factory(sim_node.write_config())
+    pids = []
+    for syscall in ("openat", "openat2"):
+        summary = ctr.start_reader("tls.key", count=2, syscall=syscall, at="/run/secrets/certs").wait()
+        assert summary["opened"] == 2
+        pids.append(summary["pid"])
+    d.wait_events(4, pred=lambda e: e["process"]["pid"] in pids)
+    d.settle()
+    got = [e for e in d.lines if e["process"]["pid"] in pids]
+    assert sorted(e["syscall"] for e in got) == ["openat", "openat", "openat2", "openat2"]
+    assert {(e["file"], e["path"], e["volume_name"]) for e in got} == {("tls.key", "tls.key", "certs")}
 
 
 def test_relative_path_after_chdir(sim_node, daemon_factory):
