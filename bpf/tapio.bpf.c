@@ -231,17 +231,21 @@ static __always_inline const char *user_path(int arg)
 			: (const char *)PT_REGS_PARM2_CORE_SYSCALL(regs);
 }
 
-static __always_inline void fill_dnames(struct tapio_access_ext *ext,
-					struct dentry *d)
+/* The file's name and its parents' (TAPIO_F_DNAME_TRUNC if one did not fit). */
+static __always_inline __u32 fill_dnames(struct tapio_access_ext *ext,
+					 struct dentry *d)
 {
 	const unsigned char *name;
+	__u32 flags = 0;
 
 #pragma unroll
 	for (int i = 0; i < TAPIO_DNAMES; i++) {
 		name = BPF_CORE_READ(d, d_name.name);
-		bpf_probe_read_kernel_str(ext->dnames[i], TAPIO_DNAME_LEN, name);
+		if (bpf_probe_read_kernel_str(ext->dnames[i], TAPIO_DNAME_LEN, name) == TAPIO_DNAME_LEN)
+			flags |= TAPIO_F_DNAME_TRUNC;
 		d = BPF_CORE_READ(d, d_parent);
 	}
+	return flags;
 }
 
 #define MATCH_FN match_direct
@@ -324,9 +328,10 @@ static __always_inline int on_open_exit(long ret, __u32 op, int path_arg)
 		else if (n == sizeof(rec->path))
 			flags |= TAPIO_F_PATH_TRUNC;
 	}
+	if (ext)
+		flags |= fill_dnames(ext, BPF_CORE_READ(file, f_path.dentry));
 	rec->flags = flags;
 	if (ext) {
-		fill_dnames(ext, BPF_CORE_READ(file, f_path.dentry));
 		bpf_ringbuf_submit(ext, rb_flags(sizeof(*ext)));
 	} else {
 		bpf_ringbuf_submit(rec, rb_flags(sizeof(*rec)));

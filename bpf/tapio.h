@@ -22,6 +22,7 @@
 #define TAPIO_F_BY_DEV 0x4      /* matched by device (per-volume tmpfs) */
 #define TAPIO_F_BY_DIR 0x8      /* matched by a watched parent directory */
 #define TAPIO_F_UNLINKED 0x10   /* the inode has no name left (subPath) */
+#define TAPIO_F_DNAME_TRUNC 0x20 /* a dnames[] name was cut at TAPIO_DNAME_LEN - 1 */
 
 /* which syscall opened the file */
 #define TAPIO_OP_OPENAT 0

@@ -501,7 +501,8 @@ class Daemon:
             volume_name=vol.name, mount_path=vol.path, file=key, path=path, process=proc,
             cross_pod=cross_pod, syscall=wire.OP_NAMES.get(op, str(op)),
             stale_inode=bool(flags & wire.F_UNLINKED),
-            path_truncated=bool(flags & wire.F_PATH_TRUNC), overflow=overflow, **extra)
+            path_truncated=bool(flags & wire.F_PATH_TRUNC),
+            file_truncated=bool(flags & wire.F_DNAME_TRUNC), overflow=overflow, **extra)
         if self.podspecs is not None:
             event = self._with_spec(event, vol, key)
         if event_type == ev.PROJECTED_ACCESS:

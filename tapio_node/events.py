@@ -61,6 +61,7 @@ class AccessEvent(msgspec.Struct, kw_only=True, gc=False):
     syscall: str = "openat"
     stale_inode: bool = False           # file no longer linked (e.g. a subPath after an update)
     path_truncated: bool = False
+    file_truncated: bool = False        # `file` from the kernel's dentry names, cut at 63 bytes
     overflow: bool = False              # counted in the kernel while the ring buffer was full
 
 

@@ -30,6 +30,7 @@ F_PATH_FAULT = 0x2
 F_BY_DEV = 0x4
 F_BY_DIR = 0x8
 F_UNLINKED = 0x10
+F_DNAME_TRUNC = 0x20
 
 OP_NAMES = {0: "openat", 1: "open", 2: "openat2", 3: "creat", 4: "open_by_handle_at",
             5: "io_uring_openat", 6: "io_uring_openat2"}

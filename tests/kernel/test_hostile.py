@@ -213,3 +213,28 @@ def test_epipe_on_stdout_exits_non_zero(sim_node, daemon_factory):
     while not any("EPIPE" in line for line in d.stderr) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert any("stdout was closed by its reader (EPIPE)" in line for line in d.stderr), d.stderr
+
+
+def test_a_long_key_name_from_the_kernel_says_it_was_cut(sim_node, daemon_factory):
+    """A file not indexed yet is named from the kernel's dentry (at most 63
+    bytes); a longer key name must say it is incomplete."""
+    import signal
+
+    pod = sim_node.add_pod("shop", "web-0", [VolumeSpec("secret", "certs", {"tls.key": b"K"})],
+                           service_account=False)
+    ctr = pod.add_container("app")
+    d = daemon_factory(sim_node.write_config())
+    long_name, short_name = "k" * 100, "short-key"
+    d.proc.send_signal(signal.SIGSTOP)   # so the new files are not indexed before the reads
+    try:
+        for name in (long_name, short_name):
+            with open(os.path.join(pod.volume_dir("certs"), name), "w") as f:
+                f.write("v")
+        pids = [ctr.start_reader(f"/run/secrets/certs/{n}").wait()["pid"] for n in (long_name, short_name)]
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    d.wait_events(2, pred=lambda e: e["process"]["pid"] in pids)
+    by_pid = {e["process"]["pid"]: e for e in d.lines if e["process"]["pid"] in pids}
+    cut, whole = by_pid[pids[0]], by_pid[pids[1]]
+    assert cut["file"] == "k" * 63 and cut["file_truncated"] is True
+    assert whole["file"] == short_name and whole["file_truncated"] is False
