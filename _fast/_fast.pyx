@@ -11,6 +11,7 @@ from libc.string cimport memcpy, memcmp, memset, strerror
 cdef extern from "string.h" nogil:
     size_t strnlen(const char *s, size_t maxlen)
 from libc.errno cimport errno
+from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 
@@ -113,6 +114,7 @@ cdef class BpfObject:
     cdef bpf_object *obj
     cdef list links
     cdef dict link_names
+    cdef dict _shared      # section -> (address, length) of its kernel map, mmapped
     cdef readonly bint loaded
     cdef readonly str path
 
@@ -122,6 +124,7 @@ cdef class BpfObject:
         self.path = path
         self.links = []
         self.link_names = {}
+        self._shared = {}
         libbpf_log()
         self.obj = bpf_object__open_file(bpath, NULL)
         err = libbpf_get_error(self.obj)
@@ -137,6 +140,10 @@ cdef class BpfObject:
         for addr in self.links:
             bpf_link__destroy(<bpf_link *>addr)
         self.links = []
+        if self._shared:
+            for addr, length in self._shared.values():
+                munmap(<void *><size_t>addr, length)
+            self._shared = {}
         if self.obj != NULL:
             bpf_object__close(self.obj)
             self.obj = NULL
@@ -189,11 +196,18 @@ cdef class BpfObject:
         cdef void *btf = bpf_object__btf(self._obj())
         cdef bpf_map *m = self._map(section)
         cdef size_t msize = 0
-        cdef char *base = <char *>bpf_map__initial_value(m, &msize)
+        cdef char *base
         cdef int sec_id
         cdef const btf_type *t
         cdef btf_var_secinfo *vs
         cdef int i
+        if self.loaded and section in self._shared:
+            # The kernel's own copy: libbpf < 1.5 maps it only for skeletons,
+            # so bpf_map__initial_value() after load is a private buffer.
+            base = <char *><size_t>self._shared[section][0]
+            msize = bpf_map__value_size(m)
+        else:
+            base = <char *>bpf_map__initial_value(m, &msize)
         if btf == NULL or base == NULL:
             raise BpfError(95, f"no BTF or data for {section}")
         sec_id = btf__find_by_name_kind(btf, section.encode(), BTF_KIND_DATASEC)
@@ -222,6 +236,18 @@ cdef class BpfObject:
         libbpf_log()
         _check(bpf_object__load(self._obj()), f"loading {self.path}")
         self.loaded = True
+        self._map_shared(".bss")
+
+    cdef _map_shared(self, str section):
+        """mmap a loaded global-data map MAP_SHARED, so user-space writes
+        reach the programs (and reads see theirs)."""
+        cdef bpf_map *m = self._map(section)
+        cdef size_t page = <size_t>os.sysconf("SC_PAGE_SIZE")
+        cdef size_t length = (bpf_map__value_size(m) + page - 1) // page * page
+        cdef void *addr = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, bpf_map__fd(m), 0)
+        if addr == MAP_FAILED:
+            raise BpfError(errno, f"mmap of {section}")
+        self._shared[section] = (<size_t>addr, length)
 
     def attach(self, str name):
         cdef bpf_program *p = self._prog(name)

@@ -30,8 +30,8 @@ const volatile __u32 use_enter_stash = 0;
  * wakes it only once N bytes are pending (batching under load; the reader
  * then polls with a short timeout). */
 __u32 wakeup_bytes = 0;
-/* Which overflow_counts generation the kernel writes; user space flips it
- * and drains the other one. */
+/* Which overflow_counts generation the kernel writes (modulo
+ * TAPIO_OVERFLOW_GENS); user space advances it after draining the oldest. */
 __u32 overflow_gen = 0;
 
 /* Keep the record types in the object's BTF, so the user-space mirror
@@ -149,7 +149,7 @@ static __always_inline void count_overflow(__u64 id, struct tapio_watch *watch, 
 		.volume_id = watch->volume_id,
 		.file_id = watch->file_id,
 		.op = op,
-		.gen = overflow_gen & 1,
+		.gen = overflow_gen % TAPIO_OVERFLOW_GENS,
 	};
 	__u64 one = 1, *n;
 

@@ -69,8 +69,13 @@ struct tapio_dev {
 };
 
 /* When the ring buffer is full an access is still counted, without its
- * path and timestamp, under this key; user space drains the generation
- * that is not being written (see overflow_gen). */
+ * path and timestamp, under this key. Keys carry a generation
+ * (overflow_gen % TAPIO_OVERFLOW_GENS); user space drains the oldest one,
+ * unwritten for TAPIO_OVERFLOW_GENS - 1 ticks, then makes it the current
+ * one: a program preempted between choosing its key and counting (syscall
+ * tracepoints are preemptible on newer kernels) still counts into a
+ * generation nobody drains or deletes yet. */
+#define TAPIO_OVERFLOW_GENS 8
 struct tapio_overflow_key {
 	__u64 cgroup_id;
 	__u32 pid;

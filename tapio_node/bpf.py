@@ -136,20 +136,22 @@ class Kernel:
 
     def drain_overflow(self, everything: bool = False) -> list[tuple[int, int, int, int, int, int]]:
         """Counts of accesses the full ring buffer could not take, as
-        (cgroup_id, pid, volume_id, file_id, op, count). Drains the
-        generation the kernel stopped writing a tick ago, then flips."""
+        (cgroup_id, pid, volume_id, file_id, op, count). Drains the oldest
+        generation (unwritten for OVERFLOW_GENS - 1 ticks, so no program
+        still counts into it), then makes it the one the kernel writes;
+        everything=True (at exit) drains them all."""
         m = self.maps["overflow_counts"]
-        active = self.obj.get_u32(".bss", "overflow_gen") & 1
+        oldest = (self.obj.get_u32(".bss", "overflow_gen") + 1) % wire.OVERFLOW_GENS
         out = []
         for key in m.keys():
             cgid, pid, vol, fid, op, gen = wire.OVERFLOW_KEY.unpack(key)
-            if gen == active and not everything:
+            if gen != oldest and not everything:
                 continue
             raw = m.lookup(key)
             m.delete(key)
             if raw is not None:
                 out.append((cgid, pid, vol, fid, op, wire.U64.unpack(raw)[0]))
-        self.obj.set_u32(".bss", "overflow_gen", active ^ 1)
+        self.obj.set_u32(".bss", "overflow_gen", oldest)
         return out
 
     def close(self) -> None:

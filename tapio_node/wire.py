@@ -53,6 +53,7 @@ INODE_KEY = struct.Struct("<IIQ")          # dev, gen, ino
 WATCH = struct.Struct("<II")               # volume_id, file_id
 DEV = struct.Struct("<II")                 # flags, volume_id
 OVERFLOW_KEY = struct.Struct("<QIIIHH")   # cgroup_id, pid, volume_id, file_id, op, gen
+OVERFLOW_GENS = 8
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 ACCESS = struct.Struct(f"<IIQQIIIIQIIIi{COMM_LEN}s{PATH_LEN}s")

@@ -70,3 +70,33 @@ def test_check_and_healthz_name_what_is_off(sim_node, daemon_factory):
     assert health["status"] == "healthy"
     for name in off:
         assert any(name in line and "kernel lacks" in line for line in d.stderr), name
+
+
+def test_bss_writes_reach_the_kernel():
+    """Globals user space sets after load (overflow_gen, wakeup_bytes) must be
+    the programs' own: libbpf < 1.5 maps .bss for skeletons only, and a
+    private copy silently kept overflow counting on one generation."""
+    k = Kernel(pod_correlation=False)
+    try:
+        for value in (5, 0, 7):
+            k.obj.set_u32(".bss", "overflow_gen", value)
+            assert k.obj.get_u32(".bss", "overflow_gen") == value
+            out = subprocess.run(["bpftool", "-j", "map", "dump", "id", str(_bss_map_id(k))],
+                                 capture_output=True, text=True, check=True).stdout
+            assert _btf_value(json.loads(out), "overflow_gen") == value
+    finally:
+        k.close()
+
+
+def _bss_map_id(k) -> int:
+    fd = k.obj.map_fd(".bss")
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return int(dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)["map_id"])
+
+
+def _btf_value(dump, name):
+    for section in dump[0]["formatted"]["value"].values() if "formatted" in dump[0] else dump[0]["value"].values():
+        for var in section:
+            if name in var:
+                return var[name]
+    raise KeyError(name)

@@ -72,5 +72,6 @@ def test_header_constants_match_the_mirror(repo_root):
     assert value["TAPIO_F_BY_DEV"] == wire.F_BY_DEV and value["TAPIO_F_BY_DIR"] == wire.F_BY_DIR
     assert value["TAPIO_F_UNLINKED"] == wire.F_UNLINKED
     assert value["TAPIO_F_DNAME_TRUNC"] == wire.F_DNAME_TRUNC
+    assert value["TAPIO_OVERFLOW_GENS"] == wire.OVERFLOW_GENS
     assert value["TAPIO_DEV_WALK"] == wire.DEV_WALK and value["TAPIO_DEV_WHOLE"] == wire.DEV_WHOLE
     assert value["TAPIO_PATH_LEN"] == wire.PATH_LEN and value["TAPIO_COMM_LEN"] == wire.COMM_LEN
