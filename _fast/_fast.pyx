@@ -265,6 +265,17 @@ cdef class BpfObject:
     def attached(self):
         return list(self.link_names)
 
+    def recursion_misses(self, str name):
+        """Times the kernel skipped this program because another BPF
+        program or a BPF syscall held the CPU (bpf_prog_info, 5.12+;
+        0 where the kernel does not count them)."""
+        cdef bpf_prog_info info
+        cdef uint32_t size = sizeof(info)
+        memset(&info, 0, sizeof(info))
+        if bpf_obj_get_info_by_fd(bpf_program__fd(self._prog(name)), &info, &size) != 0:
+            return 0
+        return info.recursion_misses
+
     def detach_all(self):
         cdef size_t addr
         for addr in self.links:

@@ -32,6 +32,7 @@ cdef extern from "bpf/libbpf.h" nogil:
 
     const char *bpf_program__name(const bpf_program *prog)
     int bpf_program__set_autoload(bpf_program *prog, bint autoload)
+    int bpf_program__fd(const bpf_program *prog)
     bint bpf_program__autoload(const bpf_program *prog)
     bpf_link *bpf_program__attach(const bpf_program *prog)
     int bpf_link__destroy(bpf_link *link)
@@ -61,6 +62,12 @@ cdef extern from "bpf/bpf.h" nogil:
     int bpf_map_lookup_elem(int fd, const void *key, void *value)
     int bpf_map_delete_elem(int fd, const void *key)
     int bpf_map_get_next_key(int fd, const void *key, void *next_key)
+    int bpf_obj_get_info_by_fd(int bpf_fd, void *info, uint32_t *info_len)
+
+
+cdef extern from "linux/bpf.h" nogil:
+    struct bpf_prog_info:
+        uint64_t recursion_misses
 
 
 cdef extern from "bpf/btf.h" nogil:

@@ -130,9 +130,13 @@ class Kernel:
 
     def stats(self) -> dict[str, int]:
         v = self.maps["stats"].percpu_sums(wire.STAT_MAX)
+        # Runs of the open programs the kernel skipped (another BPF program
+        # or a BPF syscall held the CPU): opens never seen at all.
+        skipped = sum(self.obj.recursion_misses(name) for name in self.obj.attached()
+                      if name.startswith("trace_config_access"))
         return {"drops": v[wire.STAT_DROPS], "hits": v[wire.STAT_HITS],
                 "fd_races": v[wire.STAT_FD_RACE], "syscall_drops": v[wire.STAT_SYSCALL_DROPS],
-                "lost": v[wire.STAT_LOST]}
+                "lost": v[wire.STAT_LOST], "skipped": skipped}
 
     def drain_overflow(self, everything: bool = False) -> list[tuple[int, int, int, int, int, int]]:
         """Counts of accesses the full ring buffer could not take, as

@@ -133,7 +133,8 @@ class Daemon:
                 drops = kstats["drops"]
             except OSError:
                 pass
-        lost = {"kernel_lost": kstats.get("lost", 0), "fd_race": kstats.get("fd_races", 0),
+        lost = {"kernel_lost": kstats.get("lost", 0), "kernel_skipped": kstats.get("skipped", 0),
+                "fd_race": kstats.get("fd_races", 0),
                 "syscall_drop": kstats.get("syscall_drops", 0),
                 "bad_record": self.reader.bad_records if self.reader is not None else 0,
                 "failed_group": self.failed_groups, "unresolved": self.unresolved,

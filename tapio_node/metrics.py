@@ -48,6 +48,8 @@ _ACCESS_KIND = {
 # Every way an access can go unreported; each is counted, never silent.
 LOSS_REASONS = {
     "kernel_lost": "the ring buffer and the overflow map were both full",
+    "kernel_skipped": "the kernel did not run the open program: another BPF program or a BPF "
+                      "syscall held that CPU (its recursion_misses)",
     "fd_race": "the fd was closed by another thread before the exit hook read it",
     "syscall_drop": "a sampled pod_syscall record found the ring buffer full",
     "bad_record": "a ring-buffer record the daemon could not decode",
