@@ -407,13 +407,14 @@ cdef struct Group:
 
 
 cdef struct Batch:
-    char *recs            # cap slots of EXT_SIZE bytes, one per group
+    char *recs            # gcap slots of EXT_SIZE bytes, one per group
     Group *groups
     int32_t *table        # open addressing: group index or -1
     uint32_t *slot_of     # group -> its table slot, to clear only those
     uint32_t *rec_group   # arrival order -> group
     uint64_t *rec_ts
-    uint32_t cap
+    uint32_t cap          # records a batch takes
+    uint32_t gcap         # distinct groups it takes (each becomes Python objects)
     uint32_t tmask
     uint32_t nrec
     uint32_t ngroups
@@ -538,7 +539,7 @@ cdef int _add_record(Batch *b, const char *data, size_t size) noexcept nogil:
     b.rec_group[b.nrec] = g
     b.rec_ts[b.nrec] = ts
     b.nrec += 1
-    if b.nrec >= b.cap or b.ngroups >= b.cap:
+    if b.nrec >= b.cap or b.ngroups >= b.gcap:
         b.full = 1
         return -28
     return 0
@@ -563,17 +564,23 @@ cdef class RingReader:
     cdef Batch b
     cdef readonly bint keep_timestamps
 
-    def __cinit__(self, int map_fd, uint32_t capacity=8192, bint keep_timestamps=True):
+    def __cinit__(self, int map_fd, uint32_t capacity=8192, bint keep_timestamps=True,
+                  uint32_t max_groups=1024):
+        """capacity: records per batch (folded ones cost 12 bytes each);
+        max_groups: distinct accesses per batch, which bounds the memory a
+        flood of unfoldable records (ever-different paths) can take."""
         cdef uint32_t tsize = 1
-        while tsize < capacity * 2:
+        cdef uint32_t gcap = min(capacity, max_groups)
+        while tsize < gcap * 2:
             tsize <<= 1
         memset(&self.b, 0, sizeof(Batch))
         self.b.cap = capacity
+        self.b.gcap = gcap
         self.b.tmask = tsize - 1
-        self.b.recs = <char *>malloc(<size_t>capacity * EXT_SIZE)
-        self.b.groups = <Group *>calloc(capacity, sizeof(Group))
+        self.b.recs = <char *>malloc(<size_t>gcap * EXT_SIZE)
+        self.b.groups = <Group *>calloc(gcap, sizeof(Group))
         self.b.table = <int32_t *>malloc(tsize * sizeof(int32_t))
-        self.b.slot_of = <uint32_t *>malloc(capacity * sizeof(uint32_t))
+        self.b.slot_of = <uint32_t *>malloc(gcap * sizeof(uint32_t))
         self.b.rec_group = <uint32_t *>malloc(capacity * sizeof(uint32_t))
         self.b.rec_ts = <uint64_t *>malloc(capacity * sizeof(uint64_t))
         if not (self.b.recs and self.b.groups and self.b.table and self.b.slot_of

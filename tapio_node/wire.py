@@ -122,8 +122,9 @@ def pack_syscall(*, pid: int, tid: int, cgroup_id: int, nr: int, ts_ns: int,
 class RecordFolder:
     """Pure-Python twin of _fast.RingReader's fold/take (no ring buffer)."""
 
-    def __init__(self, capacity: int = 8192, keep_timestamps: bool = True):
+    def __init__(self, capacity: int = 8192, keep_timestamps: bool = True, max_groups: int = 1024):
         self.capacity = capacity
+        self.max_groups = min(capacity, max_groups)
         self.keep_timestamps = keep_timestamps
         self.bad_records = 0
         self._reset()
@@ -135,7 +136,7 @@ class RecordFolder:
 
     @property
     def full(self) -> bool:
-        return self._nrec >= self.capacity or len(self._groups) >= self.capacity
+        return self._nrec >= self.capacity or len(self._groups) >= self.max_groups
 
     @property
     def pending(self) -> int:

@@ -10,8 +10,8 @@ except ImportError:  # pragma: no cover
     RingReader = None
 
 
-def c_folder(capacity=8192, keep_timestamps=True):
-    return RingReader(-1, capacity, keep_timestamps)
+def c_folder(capacity=8192, keep_timestamps=True, max_groups=1024):
+    return RingReader(-1, capacity, keep_timestamps, max_groups)
 
 
 FOLDERS = [pytest.param(wire.RecordFolder, id="py-decoder"),
@@ -84,6 +84,19 @@ def test_batch_stops_when_full(make):
     assert f.full
     assert len(f.take()) == 4
     assert not f.full
+
+
+@pytest.mark.parametrize("make", FOLDERS)
+def test_distinct_accesses_are_bounded_by_groups_not_records(make):
+    """A flood of unfoldable records (ever-different paths) fills a batch at
+    max_groups, which bounds the Python objects take() builds; foldable
+    ones still fill it to capacity."""
+    f = make(capacity=64, max_groups=8)
+    assert f.feed([rec(path=b"./" * i + b"k") for i in range(20)]) == 8
+    assert f.full and len(f.take()) == 8
+    assert f.feed([rec(ts=t) for t in range(100)]) == 64
+    (group,) = f.take()
+    assert group[14] == 64   # the count
 
 
 def test_twins_agree_on_a_mixed_stream():
