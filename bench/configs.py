@@ -28,6 +28,7 @@ from bench import procs
 ACCESS_METRIC = re.compile(r"^kernel_monitor_(configmap|secret|projected)_access(_total)?$")
 DROP_METRIC = re.compile(r"^kernel_monitor_ring_buffer_drops(_total)?$")
 LATENCY_METRIC = "kernel_monitor_event_latency_seconds"
+LOST_METRIC = "kernel_monitor_events_lost_total"
 
 
 class Config:
@@ -61,10 +62,11 @@ class Tapio(Config):
 
     kind = "tapio"
 
-    def __init__(self, name, output, sampling=0, stdout=None, note=""):
+    def __init__(self, name, output, sampling=0, stdout=None, note="", config=None):
         self.name = name
         self.output = output
         self.sampling = sampling
+        self.config = dict(config or {})   # more kernel_collector keys
         self.stdout_target = stdout   # None: /dev/null; a callable: gets the pipe
         self.note = note
         self.proc = None
@@ -81,7 +83,7 @@ class Tapio(Config):
         with open(path, "w") as f:
             f.write(env.node.config_yaml(
                 name=f"bench-{self.name}", listen_address=f"127.0.0.1:{self.port}",
-                pin_path=self.pin, syscall_sampling_rate=self.sampling))
+                pin_path=self.pin, syscall_sampling_rate=self.sampling, **self.config))
         self.config_path = path
         self.log_path = os.path.join(env.tmp, f"tapio-{tag}.log")
         return path
@@ -139,7 +141,7 @@ class Tapio(Config):
         return body
 
     def counters(self):
-        out = {"events": 0, "drops": 0, "latency_buckets": [], "names": []}
+        out = {"events": 0, "drops": 0, "latency_buckets": [], "names": [], "lost": {}}
         for fam in text_string_to_metric_families(self.metrics()):
             out["names"].append(fam.name)
             for s in fam.samples:
@@ -149,6 +151,8 @@ class Tapio(Config):
                     out["events"] += s.value
                 elif DROP_METRIC.match(s.name):
                     out["drops"] += s.value
+                elif s.name == LOST_METRIC and s.value:
+                    out["lost"][s.labels["reason"]] = s.value
                 elif s.name == LATENCY_METRIC + "_bucket":
                     out["latency_buckets"].append((float(s.labels["le"]), s.value))
         return out
@@ -157,7 +161,9 @@ class Tapio(Config):
         try:
             rc = procs.stop(self.proc)
             if rc not in (0, None, -signal.SIGTERM):
-                print(f"  note: tapio-node ({self.name}) exited with {rc}; log {self.log_path}",
+                with open(self.log_path, errors="replace") as f:
+                    tail = "".join(f.readlines()[-8:])
+                print(f"  note: tapio-node ({self.name}) exited with {rc}; its log ends:\n{tail}",
                       file=sys.stderr)
             if self.reader:
                 self.reader.join(timeout=10)

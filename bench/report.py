@@ -141,6 +141,13 @@ def targets(summary, tput, counts, extra):
         out.append(check("update race missed opens", race.get("missed_opens"), 0, "<="))
         out.append(check("update race map current after update",
                          race.get("map_current_after_update_ms"), 100, "<=", " ms"))
+    # Hostile tenants (issue 13): nothing lost, memory bounded.
+    for name, what in (("storm", "unfoldable-path storm"), ("overflow", "ring-buffer overflow")):
+        sc = extra.get(name) or {}
+        if sc:
+            out.append(check(f"{what}: lost events", sc.get("lost_events"), 0, "<="))
+            rss = sc.get("daemon_max_rss_bytes")
+            out.append(check(f"{what}: daemon max RSS", rss / MB if rss else None, 64, "<=", " MB"))
     return out
 
 

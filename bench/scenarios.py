@@ -46,12 +46,12 @@ def micro_args(env, workload, scale=1.0):
     return ["getpid", str(n)], 0
 
 
-def settle(cfg, base, expected, timeout=15.0, quiet_polls=4, give_up_polls=60):
+def settle(cfg, base, expected, timeout=15.0, quiet_polls=4, give_up_polls=80):
     """The counters once the daemon has caught up: `expected` more events
     and then no change for `quiet_polls` polls (so late and extra events
     count against this workload, not the next), or no change for
-    `give_up_polls` polls (3 s: the daemon folds the kernel's ring-buffer
-    overflow counts back in once a second, over two map generations).
+    `give_up_polls` polls (4 s: the daemon folds the kernel's ring-buffer
+    overflow counts back in within 2 s, over eight map generations).
     Events arrive after the syscalls return: counting too early would
     report false misses."""
     t0 = time.monotonic()
@@ -335,3 +335,66 @@ def startup(env, n_pods):
             "daemon_cpu_s_at_ready_plus_2s": cpu,
             "what": "process start -> GET /healthz 200 (polled every 5 ms); ready_notify_s: "
                     "-> READY=1 on NOTIFY_SOCKET"}
+
+
+# -- hostile tenants ---------------------------------------------------------
+
+def _hammer(env, cfg, secs, vary_path, stop_daemon_s=0.0):
+    """Two container readers open the watched key in a loop for `secs`
+    (through ever-different path spellings when vary_path: no folding),
+    optionally with the daemon stopped for a while (the ring overflows).
+    The daemon's max RSS and CPU, and every access accounted for."""
+    base = cfg.counters()
+    cpu0 = procs.cpu_seconds(cfg.pid)
+    readers = [env.container.start_reader(env.watched, count=0, vary_path=vary_path, mounts=env.mounts)
+               for _ in range(2)]
+    max_rss, t0 = 0, time.monotonic()
+    try:
+        for r in readers:
+            r.go()
+        if stop_daemon_s:
+            os.kill(cfg.pid, signal.SIGSTOP)
+            time.sleep(stop_daemon_s)
+            os.kill(cfg.pid, signal.SIGCONT)
+        while time.monotonic() - t0 < secs:
+            max_rss = max(max_rss, procs.rss_bytes(cfg.pid))
+            time.sleep(0.1)
+    finally:
+        summaries = [r.stop() for r in readers]
+    opened = sum(x["opened"] for x in summaries)
+    after = settle(cfg, base, opened, timeout=120, give_up_polls=100)
+    max_rss = max(max_rss, procs.rss_bytes(cfg.pid))
+    events = after["events"] - base["events"]
+    return {"opens": opened, "events": events, "lost_events": opened - events,
+            "lost_by_reason": {k: v - base["lost"].get(k, 0) for k, v in after["lost"].items()},
+            "ring_buffer_drops": after["drops"] - base["drops"],
+            "daemon_max_rss_bytes": max_rss, "daemon_cpu_s": procs.cpu_seconds(cfg.pid) - cpu0,
+            "seconds": secs}
+
+
+def storm(env):
+    """A pod defeats folding: opens through ever-different path strings."""
+    cfg = Tapio("tapio-storm", "stdout", note="stdout to /dev/null")
+    cfg.start(env)
+    try:
+        out = _hammer(env, cfg, env.sizes["storm_secs"], vary_path=True)
+    finally:
+        cfg.stop()
+    out["what"] = ("2 readers in a pod, each open a distinct spelling of the key's path, "
+                   "stdout output; every open must be counted")
+    return out
+
+
+def overflow(env):
+    """The ring buffer overflows (daemon stopped, small ring): the kernel's
+    overflow counts carry the accesses; RSS must stay bounded."""
+    cfg = Tapio("tapio-overflow", "stdout", note="stdout to /dev/null, 64 KiB ring",
+                config={"ring_buffer_size": 65536})
+    cfg.start(env)
+    try:
+        out = _hammer(env, cfg, env.sizes["storm_secs"], vary_path=False, stop_daemon_s=3.0)
+    finally:
+        cfg.stop()
+    out["what"] = ("2 readers in a pod hammer one key while the daemon is stopped for 3 s "
+                   "with a 64 KiB ring; every open must be counted")
+    return out
