@@ -15,6 +15,10 @@ from Cython.Build import cythonize
 HERE = os.path.dirname(os.path.abspath(__file__))
 BPF_SRC = os.path.join("bpf", "tapio.bpf.c")
 BPF_OBJ = os.path.join("tapio_node", "bpf", "tapio.bpf.o")
+# The same programs without the bpf_rdonly_cast kfunc (kernels before 6.2):
+# resolving even a __weak kfunc the kernel lacks makes libbpf walk module
+# BTFs, which needs CAP_SYS_ADMIN, which the systemd unit does not grant.
+BPF_OBJ_NO_KFUNC = os.path.join("tapio_node", "bpf", "tapio-nokfunc.bpf.o")
 
 
 def compile_bpf():
@@ -25,13 +29,14 @@ def compile_bpf():
             "error: clang is needed to compile bpf/tapio.bpf.c "
             "(Debian: apt-get install clang llvm libbpf-dev)")
     os.makedirs(os.path.dirname(BPF_OBJ), exist_ok=True)
-    cmd = [clang, "-g", "-O2", "-Wall", "-Werror", "-target", "bpf",
-           "-D__TARGET_ARCH_x86", "-Ibpf", "-c", BPF_SRC, "-o", BPF_OBJ]
-    subprocess.run(cmd, check=True, cwd=HERE)
-    # Strip DWARF but keep BTF: CO-RE needs only .BTF/.BTF.ext.
     llvm_strip = shutil.which("llvm-strip") or shutil.which("llvm-strip-14")
-    if llvm_strip:
-        subprocess.run([llvm_strip, "-g", BPF_OBJ], check=True, cwd=HERE)
+    for obj, defines in ((BPF_OBJ, []), (BPF_OBJ_NO_KFUNC, ["-DTAPIO_NO_KFUNCS"])):
+        cmd = [clang, "-g", "-O2", "-Wall", "-Werror", "-target", "bpf",
+               "-D__TARGET_ARCH_x86", *defines, "-Ibpf", "-c", BPF_SRC, "-o", obj]
+        subprocess.run(cmd, check=True, cwd=HERE)
+        # Strip DWARF but keep BTF: CO-RE needs only .BTF/.BTF.ext.
+        if llvm_strip:
+            subprocess.run([llvm_strip, "-g", obj], check=True, cwd=HERE)
 
 
 class BuildBpf(Command):

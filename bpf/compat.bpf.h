@@ -21,8 +21,16 @@
 
 /* 6.2: cast a pointer read with bpf_probe_read_kernel so its fields can be
  * loaded directly (inlined fault-safe loads, no helper call per field). */
+#ifndef TAPIO_NO_KFUNCS
 extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
 #define HAVE_RDONLY_CAST bpf_ksym_exists(bpf_rdonly_cast)
+#else
+/* Built a second time without kfunc externs (tapio-nokfunc.bpf.o) for
+ * kernels that lack them: libbpf resolves even a __weak kfunc by walking
+ * module BTFs, which needs CAP_SYS_ADMIN the unit does not grant. */
+#define HAVE_RDONLY_CAST 0
+#define bpf_rdonly_cast(obj, id) ((void *)(obj))
+#endif
 
 /* 5.11: the current task as a BTF pointer (direct field loads). */
 #define HAVE_TASK_BTF \

@@ -33,11 +33,17 @@ class KernelUnavailable(RuntimeError):
     """The daemon cannot use BPF here; the message says what is missing."""
 
 
-def object_path() -> str:
+def object_path(features: dict | None = None) -> str:
+    """The BPF object for this kernel: tapio.bpf.o, or where the kernel has
+    no bpf_rdonly_cast the same programs built without kfunc externs
+    (resolving a missing one needs CAP_SYS_ADMIN; see bpf/compat.bpf.h)."""
     env = os.environ.get("TAPIO_BPF_OBJECT")
     if env:
         return env
-    return str(resources.files("tapio_node").joinpath("bpf", "tapio.bpf.o"))
+    if features is None:
+        features = compat.probe()
+    name = "tapio.bpf.o" if features[compat.RDONLY_CAST].available else "tapio-nokfunc.bpf.o"
+    return str(resources.files("tapio_node").joinpath("bpf", name))
 
 
 def tracepoint_exists(tp: str) -> bool:
@@ -79,7 +85,7 @@ class Kernel:
             raise
 
     def _load(self, rb_size, sampling_rate, pod_correlation, use_stash):
-        obj = self._fast.BpfObject(object_path())
+        obj = self._fast.BpfObject(object_path(self.features))
         obj.set_max_entries("events", rb_size)
         if self._max_watched_files:
             obj.set_max_entries("watched_inodes", self._max_watched_files)

@@ -224,3 +224,24 @@ def test_enter_stash_fallback_reports_the_same(sim_node, daemon_factory):
     d.settle()
     got = _events_for(d, s["pid"])
     assert [(e["file"], e["path"], e["syscall"]) for e in got] == [("tls.key", "tls.key", "openat2")] * 5
+
+
+def test_the_kfunc_free_object_reports_the_same(sim_node, daemon_factory):
+    """Kernels before 6.2 get tapio-nokfunc.bpf.o (CO-RE probe reads instead
+    of bpf_rdonly_cast); here it runs on this kernel too, so both builds
+    are tested everywhere. A ConfigMap on disk exercises the parent walk."""
+    from tapio_node import compat
+    from tapio_node.bpf import object_path
+
+    path = object_path({**compat.probe(), compat.RDONLY_CAST: compat.Feature(
+        name=compat.RDONLY_CAST, available=False, since="6.2", uses="")})
+    assert path.endswith("tapio-nokfunc.bpf.o")
+    pod = _web_pod(sim_node)
+    ctr = pod.add_container("app")
+    d = daemon_factory(sim_node.write_config(), env=dict(os.environ, TAPIO_BPF_OBJECT=path))
+    s1 = _read(ctr, "/run/secrets/certs/tls.key", count=5)
+    s2 = _read(ctr, "/run/config/app-config/conf.d/extra.yaml", count=3)
+    d.wait_events(8, pred=lambda e: e["process"]["pid"] in (s1["pid"], s2["pid"]))
+    d.settle()
+    assert [e["file"] for e in _events_for(d, s1["pid"])] == ["tls.key"] * 5
+    assert [e["file"] for e in _events_for(d, s2["pid"])] == ["conf.d/extra.yaml"] * 3
