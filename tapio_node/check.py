@@ -200,9 +200,9 @@ def check_caps() -> list[Check]:
         if not missing else f"missing {', '.join(missing)} (CapEff {eff:#x})",
         fix="run as root, or AmbientCapabilities=CAP_BPF CAP_PERFMON in the unit (kernel >= 5.8)",
     )]
-    # The systemd unit grants exactly CAP_BPF CAP_PERFMON CAP_SYS_RESOURCE
-    # CAP_DAC_READ_SEARCH; CAP_SYS_ADMIN only stands in for the first two on
-    # kernels before 5.8.
+    # The systemd unit grants CAP_BPF CAP_PERFMON CAP_SYS_RESOURCE
+    # CAP_DAC_READ_SEARCH and CAP_SYS_ADMIN (perf_event_open on Debian's
+    # kernels: see check_tracepoint_attach).
     soft = [(CAP_DAC_READ_SEARCH, "CAP_DAC_READ_SEARCH", "reading volume files not owned by root (fsGroup, defaultMode)"),
             (CAP_SYS_RESOURCE, "CAP_SYS_RESOURCE", "raising RLIMIT_MEMLOCK on kernels before 5.11")]
     lacking = [(n, why) for cap, n, why in soft if not has(cap)]
@@ -260,6 +260,8 @@ def check_tracepoints(mounts) -> list[Check]:
         detail=f"{', '.join(REQUIRED_TRACEPOINTS)} present" if not missing
         else f"missing {', '.join(missing)} under {events}",
         fix="use a kernel with CONFIG_FTRACE_SYSCALLS=y"))
+    if not missing:
+        checks.append(check_tracepoint_attach(os.path.join(events, "sys_exit_openat", "id")))
     absent = [t for t in OPTIONAL_TRACEPOINTS if not os.path.isdir(os.path.join(events, t))]
     checks.append(Check(
         name="other open tracepoints", ok=not absent, fatal=False,
@@ -267,6 +269,48 @@ def check_tracepoints(mounts) -> list[Check]:
         else f"{', '.join(absent)} absent (those opens are not seen; normal on arm64 for open/creat)",
         fix="nothing to do unless this kernel should have them"))
     return checks
+
+
+_SYS_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}.get(os.uname().machine, 298)
+PERF_TYPE_TRACEPOINT = 2
+
+
+def _paranoid() -> int | None:
+    try:
+        with open("/proc/sys/kernel/perf_event_paranoid") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def check_tracepoint_attach(id_path: str) -> Check:
+    """Open (and close at once) a perf event on a syscall tracepoint, as
+    attaching our programs does: Debian's kernels add perf_event_paranoid=3,
+    under which only CAP_SYS_ADMIN may, whatever CAP_PERFMON says."""
+    name = "tracepoint attach"
+    try:
+        with open(id_path) as f:
+            tp_id = int(f.read())
+    except (OSError, ValueError) as e:
+        return Check(name=name, ok=False, fatal=True, detail=f"cannot read {id_path}: {e}",
+                     fix="run as root (tracefs event ids are readable by root only)")
+    attr = bytearray(128)
+    struct.pack_into("<IIQQ", attr, 0, PERF_TYPE_TRACEPOINT, len(attr), tp_id, 1)   # period 1
+    buf = ctypes.create_string_buffer(bytes(attr), len(attr))
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(ctypes.c_long(_SYS_PERF_EVENT_OPEN), buf, ctypes.c_int(-1), ctypes.c_int(0),
+                      ctypes.c_int(-1), ctypes.c_ulong(8))   # pid -1, cpu 0, PERF_FLAG_FD_CLOEXEC
+    if fd >= 0:
+        os.close(fd)
+        return Check(name=name, ok=True, fatal=True, detail="perf_event_open on syscalls/sys_exit_openat allowed")
+    err = ctypes.get_errno()
+    paranoid = _paranoid()
+    fix = ("grant CAP_SYS_ADMIN: this kernel has kernel.perf_event_paranoid="
+           f"{paranoid} (Debian's extra level), where CAP_PERFMON is not enough"
+           if paranoid is not None and paranoid >= 3 else "run as root or grant CAP_PERFMON")
+    return Check(name=name, ok=False, fatal=True,
+                 detail=f"perf_event_open on syscalls/sys_exit_openat refused: {_errno_text(err)}", fix=fix)
 
 
 def check_hooks(have_tracepoints: bool) -> list[Check]:

@@ -190,3 +190,20 @@ def test_daemon_refuses_with_the_same_reasons_as_check(node_dirs):
     assert "cannot run the collector" in r.stderr
     failed = [name for name, (mark, _) in lines.items() if mark == check.FAIL]
     assert failed and all(f"✘ {name}: " in r.stderr for name in failed)
+
+
+def test_tracepoint_attach_is_probed_with_the_callers_capabilities():
+    """Without CAP_PERFMON (and CAP_SYS_ADMIN) a tracepoint perf event is
+    refused: check must say so before the daemon fails to attach."""
+    need_tracing()
+    if shutil.which("setpriv") is None:
+        pytest.skip("requires setpriv (util-linux)")
+    r = subprocess.run(["setpriv", "--bounding-set", "-all,+bpf,+sys_resource,+dac_read_search",
+                        "--inh-caps", "-all", "--", sys.executable, "-m", "tapio_node", "check"],
+                       capture_output=True, text=True, timeout=120)
+    (line,) = [x for x in r.stdout.splitlines() if "tracepoint attach:" in x]
+    assert line.startswith(check.FAIL) and "EACCES" in line and "CAP_" in line
+    assert r.returncode == 1
+    r = subprocess.run([sys.executable, "-m", "tapio_node", "check"], capture_output=True, text=True, timeout=120)
+    (line,) = [x for x in r.stdout.splitlines() if "tracepoint attach:" in x]
+    assert line.startswith(check.OK)
