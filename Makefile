@@ -46,14 +46,17 @@ mounts:
 verify: build mounts
 	$(VPY) -m tapio_node.verify
 
-# The whole suite on this kernel, then the kernel subset on Debian 12's
-# kernel in a VM (TEST_KERNELS=, empty for none).
+# The whole suite on this kernel, then on Debian 12's kernel in a VM the
+# kernel subset and the .deb booted with systemd (TEST_KERNELS=, empty for
+# none; TEST_VM_SUBSETS= which of the two).
 TEST_KERNELS ?= 6.1
+TEST_VM_SUBSETS ?= matrix packaging
 test: build mounts
 	$(VPY) -m pytest -ra tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; \
 	[ $$rc -eq 0 ] || exit $$rc; \
-	if [ -n "$(TEST_KERNELS)" ]; then $(VPY) -m tests.vm.matrix --kernels "$(TEST_KERNELS)"; fi
+	if [ -n "$(TEST_KERNELS)" ]; then \
+	  $(VPY) -m tests.vm.matrix --kernels "$(TEST_KERNELS)" --subset "$(TEST_VM_SUBSETS)"; fi
 
 # The kernel matrix: Debian 11/12/13/14 kernels in VMs and this machine's
 # kernel (KERNELS= picks; VM_SUBSET=kernel runs all of tests/kernel).

@@ -49,6 +49,9 @@ from pathlib import Path
 TOP = Path(__file__).resolve().parents[2]
 BUILD = TOP / "packaging" / "build"
 CACHE = BUILD / "cache"
+# Where the Debian root is unpacked: the build dir, or TAPIO_DEB_WORKDIR
+# (in a matrix VM the checkout is read-only).
+WORKDIR = Path(os.environ.get("TAPIO_DEB_WORKDIR") or BUILD)
 SUITE = "bookworm"
 # systemd: a node has it, and `systemd-analyze verify` needs it.
 INCLUDE = "systemd"
@@ -236,7 +239,11 @@ def install(root, deb):
     policy = Path(root, "usr/sbin/policy-rc.d")
     policy.write_text("#!/bin/sh\nexit 101\n")
     policy.chmod(0o755)
-    shutil.copy("/etc/resolv.conf", Path(root, "etc/resolv.conf"))
+    if os.environ.get("TAPIO_DEB_NAMESERVER"):
+        # In a matrix VM: QEMU's user network answers DNS at its own address.
+        Path(root, "etc/resolv.conf").write_text(f"nameserver {os.environ['TAPIO_DEB_NAMESERVER']}\n")
+    else:
+        shutil.copy("/etc/resolv.conf", Path(root, "etc/resolv.conf"))
     t0 = time.monotonic()
     chroot(root, ["apt-get", "-q", "update"])
     p = chroot(root, ["apt-get", "install", "-y", "-q", "--no-install-recommends", f"/tmp/{deb.name}"])
@@ -254,7 +261,8 @@ def install(root, deb):
     expect(Path(root, "usr/share/man/man8/tapio-node.8.gz").is_file(), "man page tapio-node(8) installed")
     site = list(Path(root, VENV.lstrip("/"), "lib").glob("python3.*/site-packages/tapio_node"))
     expect(len(site) == 1 and list(site[0].glob("_fast*.so")), "venv has tapio_node/_fast*.so")
-    expect(Path(site[0], "bpf", "tapio.bpf.o").is_file(), "venv has tapio_node/bpf/tapio.bpf.o")
+    for obj in ("tapio.bpf.o", "tapio-nokfunc.bpf.o"):
+        expect(Path(site[0], "bpf", obj).is_file(), f"venv has tapio_node/bpf/{obj}")
 
 
 def check_cli(root):
@@ -514,7 +522,8 @@ def run_all():
         f"({deb.stat().st_size / 1024:.0f} KiB)")
     lintian(deb)
     tarball = base_root_tarball()
-    root = tempfile.mkdtemp(prefix="tapio-deb-root-", dir=BUILD)
+    WORKDIR.mkdir(parents=True, exist_ok=True)
+    root = tempfile.mkdtemp(prefix="tapio-deb-root-", dir=WORKDIR)
     try:
         t0 = time.monotonic()
         run(["tar", "-C", root, "--numeric-owner", "-xf", str(tarball)])

@@ -48,7 +48,10 @@ SUBSETS = {
     "kernel": ["tests/kernel"],
 }
 # What a subset needs besides the tests: guest environment, network.
-SUBSET_ENV = {"packaging": {"TAPIO_TEST_DEB": "1"}}
+SUBSET_ENV = {"packaging": {"TAPIO_TEST_DEB": "1", "TAPIO_DEB_WORKDIR": "/tmp/tapio-deb",
+                            "TAPIO_DEB_NAMESERVER": "10.0.2.3"}}   # QEMU user-network DNS
+SUBSET_MEMORY = {"packaging": "4G"}   # the Debian root lives in the guest's overlay
+DEB_GLOB = os.path.join(REPO, "packaging", "build", "tapio-node_*.deb")
 SUBSET_NETWORK = {"packaging"}   # apt-get inside the Debian root
 VM_MEMORY = "2G"
 VM_CPUS = "2"
@@ -158,12 +161,17 @@ def _failed_names(path: str) -> list[str]:
 def run_one(name: str, subset: str, append: str, timeout: float, log=_say) -> dict:
     """One row: boot `name` (or run on this machine for "host"), run the subset."""
     tests = SUBSETS[subset]
+    env = dict(SUBSET_ENV.get(subset, {}))
+    if subset == "packaging":
+        # Built here (the guest has no build dependencies and runs TCG); the
+        # guest installs it into its Debian 12 root and boots that root.
+        env["TAPIO_DEB"] = _deb(log)
     out = os.path.join(RESULTS, "-".join([name, subset] + ([append.split("=")[0]] if append else [])))
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     guest = [sys.executable if name == "host" else os.path.join(REPO, ".venv", "bin", "python"),
              "-m", "tests.vm.guest", "--out", out,
-             *[f"--env={k}={v}" for k, v in SUBSET_ENV.get(subset, {}).items()], "--", *tests]
+             *[f"--env={k}={v}" for k, v in env.items()], "--", *tests]
     t0 = time.monotonic()
     console = os.path.join(out, "console.log")
     if name == "host":
@@ -173,7 +181,8 @@ def run_one(name: str, subset: str, append: str, timeout: float, log=_say) -> di
         k = kernels.BY_NAME[name]
         kernels.fetch(k, log=log)
         mode = accel(k, log=log)
-        argv = [_vng(), "-r", kernels.image_path(k), "--memory", VM_MEMORY, "--cpus", VM_CPUS,
+        argv = [_vng(), "-r", kernels.image_path(k), "--memory", SUBSET_MEMORY.get(subset, VM_MEMORY),
+                "--cpus", VM_CPUS,
                 "--rwdir", out]
         if mode == "tcg":
             argv.insert(1, "--disable-kvm")
@@ -201,6 +210,18 @@ def run_one(name: str, subset: str, append: str, timeout: float, log=_say) -> di
             "ok": ok, "features_off": summary.get("features_off", []),
             "load_error": summary.get("load_error"), "failed_tests": _failed_names(os.path.join(out, "junit.xml")),
             "results": os.path.relpath(out, REPO)}
+
+
+def _deb(log) -> str:
+    import glob
+
+    # Always from this tree: a .deb left by an earlier build may be stale.
+    log("building the .deb for the packaging test (make -C packaging deb)")
+    build = subprocess.run(["make", "-C", os.path.join(REPO, "packaging"), "deb"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if build.returncode:
+        raise kernels.FetchError(f"make -C packaging deb failed:\n{build.stdout[-3000:]}")
+    return sorted(glob.glob(DEB_GLOB), key=os.path.getmtime)[-1]
 
 
 def _quote(arg: str) -> str:
