@@ -221,6 +221,11 @@ def _deb(log) -> str:
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if build.returncode:
         raise kernels.FetchError(f"make -C packaging deb failed:\n{build.stdout[-3000:]}")
+    log("preparing the Debian 12 base root (tests/packaging/test_deb.py --prepare)")
+    prep = subprocess.run([sys.executable, os.path.join(REPO, "tests", "packaging", "test_deb.py"),
+                           "--prepare"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if prep.returncode:
+        raise kernels.FetchError(f"test_deb.py --prepare failed:\n{prep.stdout[-3000:]}")
     return sorted(glob.glob(DEB_GLOB), key=os.path.getmtime)[-1]
 
 
