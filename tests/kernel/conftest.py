@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from tapio_node.simulate import SimulatedNode, SimulationError, cgroup2_mount, sweep_stale
+from tapio_node.sim.node import SimulatedNode, SimulationError, cgroup2_mount, sweep_stale
 
 BTF_PATH = "/sys/kernel/btf/vmlinux"
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 from inotify_simple import INotify, flags
 
-from tapio_node.simulate import (
+from tapio_node.sim.node import (
     SA_MOUNT, SimulationError, VolumeSpec, atomic_write, build_demo_node, cgroup2_mount,
     mounts_under, run_demo, sweep_stale,
 )
@@ -441,7 +441,7 @@ def test_run_demo_builds_streams_and_tears_down(require_root_cgroup2):
 
 _DEMO_UNDER_SIGTERM = r"""
 import json, subprocess, sys
-from tapio_node.simulate import run_demo
+from tapio_node.sim.node import run_demo
 def start(cfg):
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"], stdout=subprocess.PIPE)
 sys.exit(run_demo(start, wait_ready=False))
@@ -477,7 +477,7 @@ def test_run_demo_cleans_up_on_sigterm(require_root_cgroup2, repo_root):
 
 _KILLED_NODE = r"""
 import os, sys
-from tapio_node.simulate import SimulatedNode, VolumeSpec
+from tapio_node.sim.node import SimulatedNode, VolumeSpec
 node = SimulatedNode()
 pod = node.add_pod("ns", "p", [VolumeSpec("secret", "s", {"k": b"v"})])
 r = pod.add_container("c").start_reader("/run/secrets/s/k", count=0, interval=0.1)

@@ -62,7 +62,7 @@ DATA_TMP = "..data_tmp"
 _SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 32, 4096, 16384
 MNT_DETACH = 2
@@ -402,7 +402,7 @@ with open(spec["cgroup_procs"], "w") as f:
     f.write(str(os.getpid()))
 ctypes.CDLL(None).prctl(15, b"kubelet", 0, 0, 0)  # PR_SET_NAME: comm as on a real node
 sys.path.insert(0, spec["repo"])
-from tapio_node.simulate import atomic_write
+from tapio_node.sim.node import atomic_write
 files = {k: base64.b64decode(v) for k, v in spec["files"].items()}
 written = atomic_write(spec["target"], files)
 with open("/proc/self/cgroup") as f:
@@ -416,8 +416,8 @@ print(json.dumps({"written": written, "cgroup": cgroup[0] if cgroup else None, "
 def reader_argv(path: str, count: int = 1, syscall: str = "openat", chdir: str | None = None,
                 interval: float | None = None, ready_fd: int | None = None, go_fd: int | None = None,
                 at: str | None = None, comm: str | None = None, vary_path: bool = False) -> list[str]:
-    """argv for ``python -m tapio_node.reader`` with these options."""
-    argv = [sys.executable, "-m", "tapio_node.reader", "--path", path, "--count", str(count), "--syscall", syscall]
+    """argv for ``python -m tapio_node.sim.opener`` with these options."""
+    argv = [sys.executable, "-m", "tapio_node.sim.opener", "--path", path, "--count", str(count), "--syscall", syscall]
     if vary_path:
         argv.append("--vary-path")
     for opt, val in (("--chdir", chdir), ("--at", at), ("--interval", interval), ("--comm", comm),
@@ -428,7 +428,7 @@ def reader_argv(path: str, count: int = 1, syscall: str = "openat", chdir: str |
 
 
 class Reader:
-    """A ``tapio_node.reader`` process that has started and waits for ``go()``.
+    """A ``tapio_node.sim.opener`` process that has started and waits for ``go()``.
 
     Python start-up, mount setup and chdir are done before ``go()``, so the
     only opens of the target after ``go()`` are the reader's N opens."""
@@ -1270,7 +1270,7 @@ def _stream(node: SimulatedNode, pods: dict[str, SimPod], collector, duration: f
 def _main(argv: list[str]) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m tapio_node.simulate",
+    p = argparse.ArgumentParser(prog="python -m tapio_node.sim.node",
                                 description="run the demo node against the collector")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--raw", action="store_true", help="print the JSON lines as they are")

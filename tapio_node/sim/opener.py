@@ -1,6 +1,6 @@
 """A tiny file reader run inside simulated containers by tests, demo and bench.
 
-    python -m tapio_node.reader --path P --count N
+    python -m tapio_node.sim.opener --path P --count N
         [--syscall open|openat|openat2|open_by_handle_at]
         [--chdir DIR] [--at DIR] [--interval S] [--comm NAME] [--vary-path]
         [--ready-fd FD] [--go-fd FD]
@@ -126,7 +126,7 @@ def _read_all(fd: int) -> int:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tapio_node.reader", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tapio_node.sim.opener", description=__doc__.splitlines()[0])
     p.add_argument("--path", required=True, help="file to open (relative to --chdir/--at when given)")
     p.add_argument("--count", type=int, default=1, help="number of opens; 0 loops until killed")
     p.add_argument("--syscall", choices=SYSCALLS, default="openat")
