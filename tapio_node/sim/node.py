@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import base64
-import ctypes
 import json
 import os
 import re
@@ -39,9 +38,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
+from tapio_node.sim.k8snames import check_component, check_dns_label, check_dns_subdomain, name_suffix
+from tapio_node.sim.mountinfo import cgroup2_mount, mounts_under
+from tapio_node.sim.system import MS_NODEV, MS_NOSUID, SimulationError, kill_pids, mount, pid_alive, umount
+
 __all__ = [
     "SimulationError", "VolumeSpec", "SimulatedNode", "SimPod", "SimContainer",
-    "Reader", "atomic_write", "cgroup2_mount", "mounts_under", "reader_argv", "run_demo",
+    "Reader", "atomic_write", "reader_argv", "run_demo",
     "build_demo_node", "sweep_stale",
 ]
 
@@ -58,99 +61,11 @@ RUNTIME_SCOPE = {"containerd": "cri-containerd-", "crio": "crio-", "docker": "do
 SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 DATA_DIR = "..data"
 DATA_TMP = "..data_tmp"
-# Characters of generated name suffixes (k8s.io/apimachinery/pkg/util/rand).
-_SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 32, 4096, 16384
-MNT_DETACH = 2
-
-
-class SimulationError(RuntimeError):
-    """The simulated node could not be built or torn down."""
 
 
 # --------------------------------------------------------------------------
-# small system helpers
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
-    enc = lambda s: None if s is None else os.fsencode(s)  # noqa: E731
-    if _libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {fstype or 'bind'} {source} on {target}: {os.strerror(err)}")
-
-
-def _umount(target: str) -> None:
-    if _libc.umount2(os.fsencode(target), 0) != 0:
-        # Busy (a process still has it open): detach so teardown still completes.
-        if _libc.umount2(os.fsencode(target), MNT_DETACH) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"umount {target}: {os.strerror(err)}")
-
-
-def _unescape_mountinfo(s: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-
-
-def _mountinfo() -> list[tuple[str, str]]:
-    """(mount point, fstype) of every mount in this process's namespace."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            out.append((_unescape_mountinfo(left.split()[4]), right.split()[0]))
-    return out
-
-
-def mounts_under(path: str) -> list[str]:
-    """Mount points at or below ``path`` in this mount namespace."""
-    path = os.path.realpath(path).rstrip("/")
-    return [mp for mp, _ in _mountinfo() if mp == path or mp.startswith(path + "/")]
-
-
-def cgroup2_mount() -> str:
-    """The cgroup v2 mount: /sys/fs/cgroup (unified), /sys/fs/cgroup/unified (hybrid), or any other."""
-    found = [mp for mp, fstype in _mountinfo() if fstype == "cgroup2"]
-    for preferred in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
-        if preferred in found:
-            return preferred
-    if found:
-        return found[0]
-    raise SimulationError("no cgroup v2 mount found in /proc/self/mountinfo; mount one with "
-                          "'mount -t cgroup2 none /sys/fs/cgroup/unified'")
-
-
-def _check_dns_label(what: str, value: str) -> None:
-    if not isinstance(value, str) or len(value) > 63 or not _DNS1123_LABEL.match(value):
-        raise ValueError(f"{what} {value!r} is not a DNS-1123 label (lower-case alphanumerics and '-', at most 63)")
-
-
-def _check_dns_subdomain(what: str, value: str) -> None:
-    if not isinstance(value, str) or len(value) > 253 or not _DNS1123_SUBDOMAIN.match(value):
-        raise ValueError(f"{what} {value!r} is not a DNS-1123 subdomain (lower-case alphanumerics, '-', '.', at most 253)")
-
-
-def _check_component(what: str, value: str) -> None:
-    if not value or "/" in value or value in (".", "..") or "\0" in value:
-        raise ValueError(f"{what} {value!r} must be a single path component")
-
-
-def _suffix(n: int = 5) -> str:
-    return "".join(secrets.choice(_SUFFIX_ALPHABET) for _ in range(n))
-
-
-def _kill_pids(pids: list[int], sig: int = signal.SIGKILL) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
+# cgroup helpers
 
 def _cgroup_pids(cgroup_dir: str) -> list[int]:
     try:
@@ -169,7 +84,7 @@ def _empty_and_remove_cgroup_tree(top: str) -> None:
         pids = [p for d, _, _ in os.walk(top) for p in _cgroup_pids(d)]
         if not pids:
             break
-        _kill_pids(pids)
+        kill_pids(pids)
         time.sleep(0.01)
     else:
         raise SimulationError(f"processes still in {top} after SIGKILL: {pids}")
@@ -507,7 +422,7 @@ class VolumeSpec:
     def __post_init__(self):
         if self.kind not in PLUGINS:
             raise ValueError(f"volume {self.name!r}: kind {self.kind!r} is not one of {', '.join(PLUGINS)}")
-        _check_dns_label("volume name", self.name)
+        check_dns_label("volume name", self.name)
         _validate_payload(self.files)
         if self.source_name is None:
             self.source_name = self.name
@@ -596,14 +511,14 @@ class SimContainer:
     def stop(self, grace: float = 2.0) -> None:
         """SIGTERM every process of the container, SIGKILL what is left after ``grace`` s."""
         pids = set(_cgroup_pids(self.cgroup_dir)) | {p.pid for p in self.processes if p.poll() is None}
-        _kill_pids(sorted(pids), signal.SIGTERM)
+        kill_pids(sorted(pids), signal.SIGTERM)
         for p in self.processes:
             try:
                 p.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        _kill_pids(_cgroup_pids(self.cgroup_dir))
+        kill_pids(_cgroup_pids(self.cgroup_dir))
 
 
 class SimPod:
@@ -680,7 +595,7 @@ class SimPod:
         os.makedirs(path, mode=0o750)
         if vol.kind in ("secret", "projected"):
             # Each secret/projected volume is its own tmpfs (own s_dev), as the kubelet does.
-            _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+            mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
             self.tmpfs_mounts.append(path)
         atomic_write(path, vol.files)
 
@@ -706,7 +621,7 @@ class SimPod:
         return self.last_kubelet_write["written"]
 
     def add_container(self, name: str, runtime: str = "containerd") -> SimContainer:
-        _check_dns_label("container name", name)
+        check_dns_label("container name", name)
         if runtime not in RUNTIME_SCOPE:
             raise ValueError(f"runtime {runtime!r} is not one of {', '.join(RUNTIME_SCOPE)}")
         if name in self.containers:
@@ -723,7 +638,7 @@ class SimulatedNode:
 
     def __init__(self, base_dir: str | None = None, cgroup_parent: str | None = None, driver: str = "systemd",
                  node_name: str = "sim-node"):
-        _check_dns_subdomain("node_name", node_name)
+        check_dns_subdomain("node_name", node_name)
         self.node_name = node_name
         if driver not in DRIVERS:
             raise ValueError(f"driver {driver!r} is not one of {', '.join(DRIVERS)}")
@@ -803,16 +718,16 @@ class SimulatedNode:
         ``static_pods_path`` (``<name>.yaml``, ``metadata.name: name``), and, as
         the kubelet does, the running pod is named ``<name>-<node_name>``."""
         self._check_open()
-        _check_dns_label("namespace", namespace)
-        _check_dns_subdomain("pod name", name)
+        check_dns_label("namespace", namespace)
+        check_dns_subdomain("pod name", name)
         static_name = None
         if static:
             static_name, name = name, f"{name}-{self.node_name}"
-            _check_dns_subdomain("static pod name", name)
+            check_dns_subdomain("static pod name", name)
         if qos not in QOS_CLASSES:
             raise ValueError(f"qos {qos!r} is not one of {', '.join(QOS_CLASSES)}")
         uid = str(uuid.uuid4()) if uid is None else uid
-        _check_component("pod uid", uid)
+        check_component("pod uid", uid)
         if any(p.uid == uid for p in self.pods):
             raise ValueError(f"pod uid {uid!r} already exists on this node")
         pod = SimPod(self, namespace, name, uid, qos)
@@ -827,7 +742,7 @@ class SimulatedNode:
                 f.write(f"127.0.0.1\tlocalhost\n10.244.0.10\t{name}\n")
             vols = list(volumes)
             if service_account:
-                vols.append(VolumeSpec("projected", f"kube-api-access-{_suffix()}", {
+                vols.append(VolumeSpec("projected", f"kube-api-access-{name_suffix()}", {
                     "token": _fake_token(namespace, name, uid),
                     "ca.crt": _FAKE_CA,
                     "namespace": namespace.encode(),
@@ -856,7 +771,7 @@ class SimulatedNode:
                 errors.append(f"stop {c.name}: {exc}")
         for mp in reversed(pod.tmpfs_mounts):
             try:
-                _umount(mp)
+                umount(mp)
             except OSError as exc:
                 errors.append(str(exc))
         leftover = mounts_under(pod.pod_dir) if os.path.isdir(pod.pod_dir) else []
@@ -954,7 +869,7 @@ class SimulatedNode:
                 errors.append(str(exc))
         for p in self._procs:
             if p.poll() is None:
-                _kill_pids([p.pid])
+                kill_pids([p.pid])
             try:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -967,7 +882,7 @@ class SimulatedNode:
         for mp in sorted(mounts_under(self.base_dir), key=len, reverse=True):
             if any(mp == c or mp.startswith(c + "/") for c in self._created):
                 try:
-                    _umount(mp)
+                    umount(mp)
                 except OSError as exc:
                     errors.append(str(exc))
         left = [mp for mp in mounts_under(self.base_dir)
@@ -981,16 +896,6 @@ class SimulatedNode:
             shutil.rmtree(self.pin_path, ignore_errors=True)
         if errors:
             raise SimulationError("simulated node teardown: " + "; ".join(errors))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def sweep_stale(cgroup_parent: str | None = None, tmp_dir: str | None = None) -> list[str]:
@@ -1010,13 +915,13 @@ def sweep_stale(cgroup_parent: str | None = None, tmp_dir: str | None = None) ->
         for name in names:
             m = pat.match(name)
             path = os.path.join(top, name)
-            if not m or _pid_alive(int(m.group(1))) or not os.path.isdir(path) or os.path.islink(path):
+            if not m or pid_alive(int(m.group(1))) or not os.path.isdir(path) or os.path.islink(path):
                 continue
             if top == parent:
                 _empty_and_remove_cgroup_tree(path)
             else:
                 for mp in sorted(mounts_under(path), key=len, reverse=True):
-                    _umount(mp)
+                    umount(mp)
                 shutil.rmtree(path)
             removed.append(path)
     return removed

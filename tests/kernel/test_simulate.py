@@ -11,10 +11,9 @@ import sys
 import pytest
 from inotify_simple import INotify, flags
 
-from tapio_node.sim.node import (
-    SA_MOUNT, SimulationError, VolumeSpec, atomic_write, build_demo_node, cgroup2_mount,
-    mounts_under, run_demo, sweep_stale,
-)
+from tapio_node.sim.mountinfo import cgroup2_mount, mounts_under
+from tapio_node.sim.node import SA_MOUNT, VolumeSpec, atomic_write, build_demo_node, run_demo, sweep_stale
+from tapio_node.sim.system import SimulationError
 
 TS_DIR = re.compile(r"^\.\.\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2}\.\d+$")
 
