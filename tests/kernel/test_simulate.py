@@ -11,8 +11,9 @@ import sys
 import pytest
 from inotify_simple import INotify, flags
 
+from tapio_node.sim.atomic_writer import atomic_write
 from tapio_node.sim.mountinfo import cgroup2_mount, mounts_under
-from tapio_node.sim.node import SA_MOUNT, VolumeSpec, atomic_write, build_demo_node, run_demo, sweep_stale
+from tapio_node.sim.node import SA_MOUNT, VolumeSpec, build_demo_node, run_demo, sweep_stale
 from tapio_node.sim.system import SimulationError
 
 TS_DIR = re.compile(r"^\.\.\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2}\.\d+$")
