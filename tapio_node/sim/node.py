@@ -61,6 +61,10 @@ DRIVERS = ("systemd", "cgroupfs")
 RUNTIME_SCOPE = {"containerd": "cri-containerd-", "crio": "crio-", "docker": "docker-"}
 SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Scripts run in fresh processes with `python -I -S`: a container's init, the kubelet's write.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CONTAINER_INIT = os.path.join(_HERE, "container_init.py")
+_KUBELET_WRITE = os.path.join(_HERE, "kubelet_write.py")
 
 
 # --------------------------------------------------------------------------
@@ -99,117 +103,6 @@ def _empty_and_remove_cgroup_tree(top: str) -> None:
                 if attempt == 999:
                     raise SimulationError(f"cannot remove cgroup {d}: {exc}") from exc
                 time.sleep(0.01)
-
-
-# --------------------------------------------------------------------------
-# code run in a fresh process: inside a container's mount namespace, or as the kubelet
-
-# Run with `python -I -S -c` so that only the stdlib is touched before exec.
-_CONTAINER_INIT = r'''
-import ctypes, json, os, sys
-spec = json.loads(sys.argv[1])
-argv = sys.argv[2:]
-# Join the container's cgroup first: every open from here on is attributed.
-with open(spec["cgroup_procs"], "w") as f:
-    f.write(str(os.getpid()))
-libc = ctypes.CDLL(None, use_errno=True)
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
-def mount(src, tgt, fstype, flags, data=None):
-    e = lambda s: None if s is None else os.fsencode(s)
-    if libc.mount(e(src), e(tgt), e(fstype), ctypes.c_ulong(flags), e(data)) != 0:
-        err = ctypes.get_errno()
-        sys.stderr.write("container init: mount %s on %s: %s\n" % (src or fstype, tgt, os.strerror(err)))
-        os._exit(127)
-# unshare(1) made the namespace private already; make sure nothing propagates back.
-mount(None, "/", None, MS_REC | MS_PRIVATE)
-ours = set()  # st_dev of the tmpfs mounts made here: mount points may be created in them
-def tmpfs(d, mode):
-    mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "mode=%o" % mode)
-    ours.add(os.stat(d).st_dev)
-def populate(src, dst, skip=()):
-    # Re-expose src's entries in the (tmpfs) dir dst: symlinks copied, the rest bind-mounted.
-    for ent in os.scandir(src):
-        if ent.name in skip:
-            continue
-        d = os.path.join(dst, ent.name)
-        if ent.is_symlink():
-            os.symlink(os.readlink(ent.path), d)
-            continue
-        if ent.is_dir():
-            os.mkdir(d)
-        else:
-            os.close(os.open(d, os.O_CREAT | os.O_WRONLY, 0o600))
-        mount(ent.path, d, None, MS_BIND | MS_REC)
-def nearest_dir(p):
-    while not os.path.isdir(p):
-        p = os.path.dirname(p)
-    return p
-targets = [(os.path.realpath(t), t, src) for t, src in spec["mounts"]]
-# A fresh /run (as in a container) so mount points are never created on the host.
-tmpfs("/run", 0o755)
-if any(not os.path.exists(r) and nearest_dir(os.path.dirname(r)) == "/" for r, _, _ in targets):
-    # A new top-level dir: "/" cannot be over-mounted in place, so build a copy of
-    # the root on a tmpfs (entries bind-mounted) and chroot into it.
-    root = "/run/.sim-root"
-    os.mkdir(root)
-    tmpfs(root, 0o755)
-    populate("/", root, skip=("run",))
-    os.mkdir(root + "/run")
-    os.chroot(root)
-    os.chdir("/")
-    tmpfs("/run", 0o755)
-stage_n = 0
-def mirror(d):
-    # Replace d by a tmpfs that re-exposes d's entries, so new mount points can be made in it.
-    global stage_n
-    stage_n += 1
-    stage = "/run/.sim-stage/%d" % stage_n
-    os.makedirs(stage)
-    mount(d, stage, None, MS_BIND | MS_REC)
-    tmpfs(d, os.stat(stage).st_mode & 0o7777)
-    populate(stage, d)
-for real, target, source in targets:
-    if os.path.isfile(source):
-        # A single file (subPath): a file mount point in a dir we may write to.
-        parent = os.path.dirname(real)
-        if not os.path.isfile(real):
-            anc = nearest_dir(parent)
-            if os.stat(anc).st_dev not in ours:
-                mirror(anc)
-            os.makedirs(parent, exist_ok=True)
-            os.close(os.open(real, os.O_CREAT | os.O_WRONLY, 0o644))
-        mount(source, real, None, MS_BIND)
-    else:
-        if not os.path.isdir(real):
-            anc = nearest_dir(real)
-            if os.stat(anc).st_dev not in ours:
-                mirror(anc)
-            os.makedirs(real)
-        mount(source, real, None, MS_BIND | MS_REC)
-    # The kubelet mounts ConfigMap/Secret/projected volumes read-only.
-    mount(None, real, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
-if spec.get("cwd"):
-    os.chdir(spec["cwd"])
-os.execvp(argv[0], argv)
-'''
-
-# The kubelet's atomic write, run as comm "kubelet" in the kubelet's own cgroup.
-_KUBELET_WRITE = r'''
-import ctypes, json, os, sys, base64
-spec = json.loads(sys.stdin.read())
-with open(spec["cgroup_procs"], "w") as f:
-    f.write(str(os.getpid()))
-ctypes.CDLL(None).prctl(15, b"kubelet", 0, 0, 0)  # PR_SET_NAME: comm as on a real node
-sys.path.insert(0, spec["repo"])
-from tapio_node.sim.atomic_writer import atomic_write
-files = {k: base64.b64decode(v) for k, v in spec["files"].items()}
-written = atomic_write(spec["target"], files)
-with open("/proc/self/cgroup") as f:
-    cgroup = [l.strip()[3:] for l in f if l.startswith("0::")]
-with open("/proc/self/comm") as f:
-    comm = f.read().strip()
-print(json.dumps({"written": written, "cgroup": cgroup[0] if cgroup else None, "comm": comm}))
-'''
 
 
 def reader_argv(path: str, count: int = 1, syscall: str = "openat", chdir: str | None = None,
@@ -376,7 +269,7 @@ class SimContainer:
         spec = {"cgroup_procs": os.path.join(self.cgroup_dir, "cgroup.procs"),
                 "mounts": [[t, mounts[t]] for t in targets], "cwd": cwd}
         cmd = ["unshare", "--mount", "--propagation", "private",
-               sys.executable, "-I", "-S", "-c", _CONTAINER_INIT, json.dumps(spec), *argv]
+               sys.executable, "-I", "-S", _CONTAINER_INIT, json.dumps(spec), *argv]
         popen_kwargs["env"] = _child_env(popen_kwargs.get("env"))
         proc = subprocess.Popen(cmd, **popen_kwargs)
         self.processes.append(proc)
@@ -496,7 +389,7 @@ class SimPod:
             return atomic_write(target, files)
         spec = {"cgroup_procs": os.path.join(self.node.kubelet_cgroup, "cgroup.procs"), "repo": _REPO_ROOT,
                 "target": target, "files": {k: base64.b64encode(v).decode() for k, v in files.items()}}
-        r = subprocess.run([sys.executable, "-I", "-S", "-c", _KUBELET_WRITE], input=json.dumps(spec),
+        r = subprocess.run([sys.executable, "-I", "-S", _KUBELET_WRITE], input=json.dumps(spec),
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise SimulationError(f"kubelet atomic write into {target} failed: {r.stderr.strip()}")
