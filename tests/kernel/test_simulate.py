@@ -12,8 +12,9 @@ import pytest
 from inotify_simple import INotify, flags
 
 from tapio_node.sim.atomic_writer import atomic_write
+from tapio_node.sim.demo import build_demo_node, run_demo
 from tapio_node.sim.mountinfo import cgroup2_mount, mounts_under
-from tapio_node.sim.node import SA_MOUNT, VolumeSpec, build_demo_node, run_demo, sweep_stale
+from tapio_node.sim.node import SA_MOUNT, VolumeSpec, sweep_stale
 from tapio_node.sim.system import SimulationError
 
 TS_DIR = re.compile(r"^\.\.\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2}\.\d+$")
@@ -441,7 +442,7 @@ def test_run_demo_builds_streams_and_tears_down(require_root_cgroup2):
 
 _DEMO_UNDER_SIGTERM = r"""
 import json, subprocess, sys
-from tapio_node.sim.node import run_demo
+from tapio_node.sim.demo import run_demo
 def start(cfg):
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"], stdout=subprocess.PIPE)
 sys.exit(run_demo(start, wait_ready=False))
