@@ -55,6 +55,8 @@ DRIVERS = ("systemd", "cgroupfs")
 # Scope prefixes of the systemd driver per container runtime.
 RUNTIME_SCOPE = {"containerd": "cri-containerd-", "crio": "crio-", "docker": "docker-"}
 SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+# A collector run on the node pins its maps in the node's pin_path, made under this bpffs.
+BPFFS = "/sys/fs/bpf"
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Scripts run in fresh processes with `python -I -S`: a container's init, the kubelet's write.
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -379,7 +381,8 @@ class SimulatedNode:
             for d in self._qos_dirs() + ["system.slice/kubelet.service"]:
                 os.makedirs(os.path.join(self.cgroup_root, d))
             self.kubelet_cgroup = os.path.join(self.cgroup_root, "system.slice/kubelet.service")
-            self.pin_path = f"/sys/fs/bpf/tapio-sim-{secrets.token_hex(4)}"
+            # The creator's pid again: maps pinned by a killed run are swept like its dirs.
+            self.pin_path = os.path.join(BPFFS, f"tapio-sim-{os.getpid()}-{secrets.token_hex(4)}")
         except BaseException:
             self.close()
             raise
@@ -600,16 +603,19 @@ class SimulatedNode:
             raise SimulationError("simulated node teardown: " + "; ".join(errors))
 
 
-def sweep_stale(cgroup_parent: str | None = None, tmp_dir: str | None = None) -> list[str]:
+def sweep_stale(cgroup_parent: str | None = None, tmp_dir: str | None = None,
+                bpffs_dir: str | None = None) -> list[str]:
     """Remove what simulated nodes of dead processes left behind (e.g. after a SIGKILL):
     ``tapio-sim-<pid>-*`` cgroups under the cgroup v2 mount (their processes are killed
-    by pid) and temp dirs (unmounted first). Nodes of live processes are not touched.
+    by pid), temp dirs (unmounted first) and pin dirs under bpffs (the maps pinned there
+    by a collector run on the node). Nodes of live processes are not touched.
     Returns the paths removed."""
     removed = []
     parent = cgroup2_mount() if cgroup_parent is None else cgroup_parent
     tmp = tempfile.gettempdir() if tmp_dir is None else tmp_dir
+    pins = BPFFS if bpffs_dir is None else bpffs_dir
     pat = re.compile(r"^tapio-sim-(\d+)-[0-9a-z_]+$")
-    for top in (parent, tmp):
+    for kind, top in (("cgroup", parent), ("tmp", tmp), ("pins", pins)):
         try:
             names = os.listdir(top)
         except OSError:
@@ -619,11 +625,14 @@ def sweep_stale(cgroup_parent: str | None = None, tmp_dir: str | None = None) ->
             path = os.path.join(top, name)
             if not m or pid_alive(int(m.group(1))) or not os.path.isdir(path) or os.path.islink(path):
                 continue
-            if top == parent:
+            if kind == "cgroup":
                 _empty_and_remove_cgroup_tree(path)
-            else:
+            elif kind == "tmp":
                 for mp in sorted(mounts_under(path), key=len, reverse=True):
                     umount(mp)
+                shutil.rmtree(path)
+            else:
+                # Unlinking a pin drops the map once no process holds it.
                 shutil.rmtree(path)
             removed.append(path)
     return removed

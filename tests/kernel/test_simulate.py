@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -503,3 +504,40 @@ def test_sweep_stale_removes_what_a_killed_run_left(sim_node, repo_root):
     assert not _alive(int(reader))
     # A live node (this process's) is left alone.
     assert os.path.isdir(sim_node.cgroup_root) and os.path.isdir(sim_node.base_dir)
+
+
+_KILLED_NODE_WITH_PIN = r"""
+import os, subprocess
+from tapio_node.sim.node import SimulatedNode
+node = SimulatedNode()
+# What a collector run on the node leaves when it dies with it: a map pinned in pin_path.
+os.makedirs(node.pin_path, mode=0o700)
+subprocess.run(["bpftool", "map", "create", os.path.join(node.pin_path, "events"), "type", "array",
+                "key", "4", "value", "4", "entries", "1", "name", "tapio_sim_stale"], check=True)
+print(node.pin_path, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+@pytest.mark.usefixtures("require_root_bpf")
+def test_sweep_stale_removes_pins_a_killed_run_left(sim_node, repo_root):
+    if shutil.which("bpftool") is None:
+        pytest.skip("requires bpftool")
+    p = subprocess.Popen([sys.executable, "-c", _KILLED_NODE_WITH_PIN], stdout=subprocess.PIPE, text=True,
+                         cwd=repo_root, env=dict(os.environ, PYTHONPATH=repo_root))
+    stale = p.communicate(timeout=60)[0].strip()
+    assert p.returncode == -9
+    # Named after its creator, as the node's cgroup and temp dir are.
+    assert re.fullmatch(rf"/sys/fs/bpf/tapio-sim-{p.pid}-[0-9a-f]{{8}}", stale), stale
+    live = os.path.join(sim_node.pin_path, "events")
+    os.makedirs(sim_node.pin_path, mode=0o700)
+    try:
+        subprocess.run(["bpftool", "map", "create", live, "type", "array", "key", "4", "value", "4",
+                        "entries", "1", "name", "tapio_sim_live"], check=True)
+        assert os.path.exists(os.path.join(stale, "events"))
+        removed = sweep_stale()
+        assert stale in removed and not os.path.exists(stale)
+        # The pins of a live node (this process's) are left alone.
+        assert sim_node.pin_path not in removed and os.path.exists(live)
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
