@@ -57,6 +57,7 @@ RUNTIME_SCOPE = {"containerd": "cri-containerd-", "crio": "crio-", "docker": "do
 SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 # A collector run on the node pins its maps in the node's pin_path, made under this bpffs.
 BPFFS = "/sys/fs/bpf"
+# The dir holding tapio_node: the processes started here import this same copy.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Scripts run in fresh processes with `python -I -S`: a container's init, the kubelet's write.
 _HERE = os.path.dirname(os.path.abspath(__file__))
