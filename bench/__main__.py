@@ -124,7 +124,7 @@ class Env:
 
 
 def make_env(args, tmp):
-    from tapio_node.simulate import SimulatedNode, VolumeSpec
+    from tapio_node.sim.node import SimulatedNode, VolumeSpec
 
     env = Env()
     env.repo = REPO

@@ -296,7 +296,7 @@ def update_race(env):
 
 def startup(env, n_pods):
     """Ready time and RSS with n_pods × 5 volumes × 3 keys on disk."""
-    from tapio_node.simulate import SimulatedNode, VolumeSpec
+    from tapio_node.sim.node import SimulatedNode, VolumeSpec
 
     t0 = time.monotonic()
     big = SimulatedNode(base_dir=os.path.join(env.tmp, "startup-node"))

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return check.main(args.config)
     if args.command == "demo":
-        from tapio_node.simulate import run_demo
+        from tapio_node.sim.demo import run_demo
 
         return run_demo(duration=args.duration) or 0
     parser.print_help(sys.stderr)

@@ -9,7 +9,9 @@ import socket
 
 import pytest
 
-from tapio_node.simulate import SimulatedNode, SimulationError, cgroup2_mount, sweep_stale
+from tapio_node.sim.mountinfo import cgroup2_mount
+from tapio_node.sim.node import SimulatedNode, sweep_stale
+from tapio_node.sim.system import SimulationError
 
 BTF_PATH = "/sys/kernel/btf/vmlinux"
 

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from harness import daemon_factory, metric_value  # noqa: F401  (fixture)
-from tapio_node.simulate import VolumeSpec
+from tapio_node.sim.node import VolumeSpec
 
 pytestmark = pytest.mark.kernel
 

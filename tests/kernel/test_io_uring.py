@@ -11,7 +11,7 @@ import pytest
 
 from harness import daemon_factory  # noqa: F401  (fixture)
 from tapio_node import compat
-from tapio_node.simulate import VolumeSpec
+from tapio_node.sim.node import VolumeSpec
 
 pytestmark = pytest.mark.kernel
 SRC = os.path.join(os.path.dirname(__file__), "progs", "uring_open.c")

@@ -330,7 +330,7 @@ def test_daemon_journal_output_end_to_end(sim_node, tmp_path):
     `journalctl TAPIO_CONFIG_NAME=...`
     answering who read the secret, with exact folded counts."""
     from harness import metric_value
-    from tapio_node.simulate import VolumeSpec
+    from tapio_node.sim.node import VolumeSpec
 
     victim = sim_node.add_pod("prod", "db-0", [VolumeSpec("secret", "db-credentials", {"password": b"p\n"})])
     snoop_pod = sim_node.add_pod("dev", "snoop", [], service_account=False)
@@ -416,7 +416,7 @@ def test_daemon_without_journald_falls_back_to_stderr(sim_node):
     """No journald socket on this host: the access log goes to stderr, with one notice."""
     from harness import TapioProcess
     from tapio_node.journal import JOURNAL_SOCKET
-    from tapio_node.simulate import VolumeSpec
+    from tapio_node.sim.node import VolumeSpec
 
     if os.path.exists(JOURNAL_SOCKET):
         pytest.skip(f"journald is running here ({JOURNAL_SOCKET} exists)")

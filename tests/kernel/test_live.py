@@ -10,7 +10,7 @@ import time
 import pytest
 
 from harness import daemon_factory, metric_value  # noqa: F401  (fixture)
-from tapio_node.simulate import VolumeSpec
+from tapio_node.sim.node import VolumeSpec
 
 pytestmark = pytest.mark.kernel
 

@@ -2,7 +2,7 @@
 import pytest
 
 from harness import daemon_factory  # noqa: F401  (fixture)
-from tapio_node.simulate import VolumeSpec
+from tapio_node.sim.node import VolumeSpec
 
 pytestmark = pytest.mark.kernel
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from harness import daemon_factory, metric_value  # noqa: F401  (fixture)
-from tapio_node.simulate import SA_MOUNT, VolumeSpec
+from tapio_node.sim.node import SA_MOUNT, VolumeSpec
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "integration"))
 from kube_api_server import KubeAPIServer, TestPKI, write_kubeconfig  # noqa: E402

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from harness import daemon_factory, notify_messages  # noqa: F401  (fixture)
-from tapio_node.simulate import VolumeSpec
+from tapio_node.sim.node import VolumeSpec
 
 pytestmark = pytest.mark.kernel
 

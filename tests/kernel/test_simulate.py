@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -11,10 +12,11 @@ import sys
 import pytest
 from inotify_simple import INotify, flags
 
-from tapio_node.simulate import (
-    SA_MOUNT, SimulationError, VolumeSpec, atomic_write, build_demo_node, cgroup2_mount,
-    mounts_under, run_demo, sweep_stale,
-)
+from tapio_node.sim.atomic_writer import atomic_write
+from tapio_node.sim.demo import build_demo_node, run_demo
+from tapio_node.sim.mountinfo import cgroup2_mount, mounts_under
+from tapio_node.sim.node import SA_MOUNT, VolumeSpec, sweep_stale
+from tapio_node.sim.system import SimulationError
 
 TS_DIR = re.compile(r"^\.\.\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2}\.\d+$")
 
@@ -441,7 +443,7 @@ def test_run_demo_builds_streams_and_tears_down(require_root_cgroup2):
 
 _DEMO_UNDER_SIGTERM = r"""
 import json, subprocess, sys
-from tapio_node.simulate import run_demo
+from tapio_node.sim.demo import run_demo
 def start(cfg):
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"], stdout=subprocess.PIPE)
 sys.exit(run_demo(start, wait_ready=False))
@@ -477,7 +479,7 @@ def test_run_demo_cleans_up_on_sigterm(require_root_cgroup2, repo_root):
 
 _KILLED_NODE = r"""
 import os, sys
-from tapio_node.simulate import SimulatedNode, VolumeSpec
+from tapio_node.sim.node import SimulatedNode, VolumeSpec
 node = SimulatedNode()
 pod = node.add_pod("ns", "p", [VolumeSpec("secret", "s", {"k": b"v"})])
 r = pod.add_container("c").start_reader("/run/secrets/s/k", count=0, interval=0.1)
@@ -502,3 +504,40 @@ def test_sweep_stale_removes_what_a_killed_run_left(sim_node, repo_root):
     assert not _alive(int(reader))
     # A live node (this process's) is left alone.
     assert os.path.isdir(sim_node.cgroup_root) and os.path.isdir(sim_node.base_dir)
+
+
+_KILLED_NODE_WITH_PIN = r"""
+import os, subprocess
+from tapio_node.sim.node import SimulatedNode
+node = SimulatedNode()
+# What a collector run on the node leaves when it dies with it: a map pinned in pin_path.
+os.makedirs(node.pin_path, mode=0o700)
+subprocess.run(["bpftool", "map", "create", os.path.join(node.pin_path, "events"), "type", "array",
+                "key", "4", "value", "4", "entries", "1", "name", "tapio_sim_stale"], check=True)
+print(node.pin_path, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+@pytest.mark.usefixtures("require_root_bpf")
+def test_sweep_stale_removes_pins_a_killed_run_left(sim_node, repo_root):
+    if shutil.which("bpftool") is None:
+        pytest.skip("requires bpftool")
+    p = subprocess.Popen([sys.executable, "-c", _KILLED_NODE_WITH_PIN], stdout=subprocess.PIPE, text=True,
+                         cwd=repo_root, env=dict(os.environ, PYTHONPATH=repo_root))
+    stale = p.communicate(timeout=60)[0].strip()
+    assert p.returncode == -9
+    # Named after its creator, as the node's cgroup and temp dir are.
+    assert re.fullmatch(rf"/sys/fs/bpf/tapio-sim-{p.pid}-[0-9a-f]{{8}}", stale), stale
+    live = os.path.join(sim_node.pin_path, "events")
+    os.makedirs(sim_node.pin_path, mode=0o700)
+    try:
+        subprocess.run(["bpftool", "map", "create", live, "type", "array", "key", "4", "value", "4",
+                        "entries", "1", "name", "tapio_sim_live"], check=True)
+        assert os.path.exists(os.path.join(stale, "events"))
+        removed = sweep_stale()
+        assert stale in removed and not os.path.exists(stale)
+        # The pins of a live node (this process's) are left alone.
+        assert sim_node.pin_path not in removed and os.path.exists(live)
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from harness import daemon_factory, metric_value  # noqa: F401  (fixture)
-from tapio_node.simulate import SA_MOUNT, VolumeSpec
+from tapio_node.sim.node import SA_MOUNT, VolumeSpec
 
 pytestmark = pytest.mark.kernel
 

@@ -1,6 +1,6 @@
 """A tiny file reader run inside simulated containers by tests, demo and bench.
 
-    python -m tapio_node.reader --path P --count N
+    python -m tapio_node.sim.opener --path P --count N
         [--syscall open|openat|openat2|open_by_handle_at]
         [--chdir DIR] [--at DIR] [--interval S] [--comm NAME] [--vary-path]
         [--ready-fd FD] [--go-fd FD]
@@ -13,6 +13,10 @@ open) and opens by it each time, relative to an fd of its directory.
 runs before the file name), as a tenant would to defeat event folding. ``--count 0`` loops until SIGTERM/SIGINT. A JSON summary goes to stdout
 at the end: ``{"pid", "path", "syscall", "opened", "failed", "errors", "bytes"}``.
 Exit status 0 when every open succeeded, 1 otherwise, 2 on bad arguments.
+
+On the parent's side, ``reader_argv`` builds that command line and
+``Reader`` starts one, set up and waiting for ``go()``, then collects its
+summary.
 """
 
 from __future__ import annotations
@@ -24,8 +28,12 @@ import json
 import os
 import platform
 import signal
+import subprocess
 import sys
 import time
+from typing import Callable
+
+from tapio_node.sim.system import SimulationError
 
 # Syscall numbers per architecture; aarch64 has no open(2) at all.
 _SYSCALL_NR = {
@@ -126,7 +134,7 @@ def _read_all(fd: int) -> int:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tapio_node.reader", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tapio_node.sim.opener", description=__doc__.splitlines()[0])
     p.add_argument("--path", required=True, help="file to open (relative to --chdir/--at when given)")
     p.add_argument("--count", type=int, default=1, help="number of opens; 0 loops until killed")
     p.add_argument("--syscall", choices=SYSCALLS, default="openat")
@@ -205,6 +213,79 @@ def main(argv: list[str] | None = None) -> int:
                "opened": opened, "failed": failed, "errors": errors, "bytes": nbytes}
     print(json.dumps(summary), flush=True)
     return 0 if failed == 0 else 1
+
+
+# --------------------------------------------------------------------------
+# the parent's side: start an opener, let it go, collect its summary
+
+def reader_argv(path: str, count: int = 1, syscall: str = "openat", chdir: str | None = None,
+                interval: float | None = None, ready_fd: int | None = None, go_fd: int | None = None,
+                at: str | None = None, comm: str | None = None, vary_path: bool = False) -> list[str]:
+    """argv for ``python -m tapio_node.sim.opener`` with these options."""
+    argv = [sys.executable, "-m", "tapio_node.sim.opener", "--path", path, "--count", str(count), "--syscall", syscall]
+    if vary_path:
+        argv.append("--vary-path")
+    for opt, val in (("--chdir", chdir), ("--at", at), ("--interval", interval), ("--comm", comm),
+                     ("--ready-fd", ready_fd), ("--go-fd", go_fd)):
+        if val is not None:
+            argv += [opt, str(val)]
+    return argv
+
+
+class Reader:
+    """A ``tapio_node.sim.opener`` process that has started and waits for ``go()``.
+
+    Python start-up, mount setup and chdir are done before ``go()``, so the
+    only opens of the target after ``go()`` are the reader's N opens."""
+
+    def __init__(self, start: Callable[..., subprocess.Popen], argv_kwargs: dict, **popen_kwargs):
+        ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()
+        try:
+            argv = reader_argv(ready_fd=ready_w, go_fd=go_r, **argv_kwargs)
+            popen_kwargs.setdefault("stdout", subprocess.PIPE)
+            popen_kwargs.setdefault("stderr", subprocess.PIPE)
+            self.proc = start(argv, pass_fds=(ready_w, go_r), **popen_kwargs)
+        except BaseException:
+            for fd in (ready_r, ready_w, go_r, go_w):
+                os.close(fd)
+            raise
+        os.close(ready_w)
+        os.close(go_r)
+        self._go_w = go_w
+        with os.fdopen(ready_r, "rb") as f:
+            line = f.readline()
+        if line != b"ready\n":
+            self.proc.wait()
+            os.close(go_w)
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+            raise SimulationError(f"reader {argv_kwargs} exited with status {self.proc.returncode} "
+                                  f"before it was ready: {err.strip()}")
+        self.pid = self.proc.pid
+
+    def go(self) -> None:
+        """Let the reader start opening."""
+        os.write(self._go_w, b"g")
+        os.close(self._go_w)
+        self._go_w = -1
+
+    def wait(self, timeout: float | None = 60) -> dict:
+        """Wait for the reader to finish; returns its JSON summary."""
+        if self._go_w >= 0:
+            self.go()
+        out, err = self.proc.communicate(timeout=timeout)
+        lines = (out or b"").decode(errors="replace").strip().splitlines()
+        if not lines:
+            raise SimulationError(f"reader {self.pid} printed no summary (status {self.proc.returncode}): "
+                                  f"{(err or b'').decode(errors='replace').strip()}")
+        return json.loads(lines[-1])
+
+    def stop(self) -> dict:
+        """SIGTERM a looping reader (``count=0``); returns its JSON summary."""
+        if self._go_w >= 0:
+            self.go()
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait()
 
 
 if __name__ == "__main__":
