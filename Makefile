@@ -44,7 +44,7 @@ mounts:
 
 # Load every program through the kernel verifier.
 verify: build mounts
-	$(VPY) -m tapio_node.verify
+	$(VPY) -m tapio_node.kernel.verify
 
 # The whole suite on this kernel, then on Debian 12's kernel in a VM the
 # kernel subset and the .deb booted with systemd (TEST_KERNELS=, empty for

@@ -1,7 +1,7 @@
 # cython: language_level=3
 """libbpf loader, batched ring-buffer reader and kubelet path parser.
 
-Pure-Python twins: tapio_node.wire (record decoder) and tapio_node.kpath
+Pure-Python twins: tapio_node.kernel.wire (record decoder) and tapio_node.kpath
 (path parser); TAPIO_PURE_PYTHON=1 makes the daemon use them.
 """
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int32_t
@@ -657,7 +657,7 @@ cdef class RingReader:
         return added
 
     def take(self):
-        """The folded batch as tuples (see tapio_node.wire), then reset."""
+        """The folded batch as tuples (see tapio_node.kernel.wire), then reset."""
         cdef Batch *b = &self.b
         cdef uint32_t g, i
         cdef const tapio_access *a

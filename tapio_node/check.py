@@ -17,7 +17,7 @@ import sys
 
 import msgspec
 
-from . import compat
+from .kernel import compat
 
 __all__ = ["Check", "run_checks", "preflight", "main", "format_check"]
 
@@ -414,7 +414,7 @@ def check_listen(listen_address: str) -> Check:
 
 def check_bpf_object() -> Check:
     try:
-        from .bpf import object_path
+        from .kernel.loader import object_path
         path = object_path()
     except Exception as e:  # the loader module itself is broken or missing
         return Check(name="BPF object", ok=False, fatal=True, detail=f"cannot locate it: {e}",

@@ -22,7 +22,8 @@ import msgspec
 
 from inotify_simple import INotify, flags as IN
 
-from tapio_node import kpath, wire
+from tapio_node import kpath
+from tapio_node.kernel import wire
 
 log = logging.getLogger("tapio_node.volumes")
 

@@ -1,4 +1,4 @@
-"""The Python mirror of bpf/tapio.h (tapio_node.wire, and through it the
+"""The Python mirror of bpf/tapio.h (tapio_node.kernel.wire, and through it the
 Cython decoder's expectations) checked against the BTF of the compiled
 object, like Tetragon's alignchecker."""
 import json
@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from tapio_node import wire
-from tapio_node.bpf import object_path
+from tapio_node.kernel import wire
+from tapio_node.kernel.loader import object_path
 
 pytestmark = pytest.mark.skipif(shutil.which("bpftool") is None, reason="requires bpftool")
 

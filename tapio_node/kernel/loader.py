@@ -5,10 +5,10 @@ import logging
 import os
 from importlib import resources
 
-from tapio_node import compat, wire
-from tapio_node.compat import tracefs_root
+from tapio_node.kernel import compat, wire
+from tapio_node.kernel.compat import tracefs_root
 
-log = logging.getLogger("tapio_node.bpf")
+log = logging.getLogger("tapio_node.kernel")
 
 # Correlation maps for other collectors; the watch maps for troubleshooting.
 PINNED_MAPS = ("pod_info_map", "container_pids", "watched_inodes", "watched_devs", "watched_dirs")
