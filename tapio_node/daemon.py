@@ -247,7 +247,7 @@ class Daemon:
         except ImportError:
             log.warning("pod correlation unavailable in this build")
             return
-        from tapio_node.kernel.loader import KernelMaps
+        from tapio_node.kernel.maps import KernelMaps
 
         root = resolve_cgroup_root(self.kc)
         if root is None:
