@@ -77,4 +77,4 @@ deb: deps
 	$(MAKE) -C packaging deb
 
 clean:
-	rm -rf build $(VENV) *.egg-info tapio_node/*.so tapio_node/bpf/*.o _fast/*.c
+	rm -rf build $(VENV) *.egg-info tapio_node/*.so tapio_node/kernel/obj _fast/*.c

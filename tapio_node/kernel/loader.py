@@ -44,7 +44,7 @@ def object_path(features: dict | None = None) -> str:
     if features is None:
         features = compat.probe()
     name = "tapio.bpf.o" if features[compat.RDONLY_CAST].available else "tapio-nokfunc.bpf.o"
-    return str(resources.files("tapio_node").joinpath("bpf", name))
+    return str(resources.files("tapio_node.kernel").joinpath("obj", name))
 
 
 def tracepoint_exists(tp: str) -> bool:
