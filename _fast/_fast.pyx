@@ -701,7 +701,7 @@ cdef class RingReader:
 
 
 # -- inode identity of files on disk ---------------------------------------
-def inode_key(path):
+def stat_inode_key(path):
     """(kernel s_dev, i_generation or None, i_ino, st_mode) of a path, not
     following a final symlink. The generation comes from the file handle
     (ext4: [ino, gen]; tmpfs: [gen, ino_lo, ino_hi]); None when the handle

@@ -63,7 +63,8 @@ POD_INFO = struct.Struct(
     f"<{UID_LEN}s{NAME_LEN}s{POD_NAME_LEN}s{CONTAINER_ID_LEN}sqII")
 
 
-def inode_key(dev: int, gen: int, ino: int) -> bytes:
+def pack_inode_key(dev: int, gen: int, ino: int) -> bytes:
+    """A watched_inodes key; _fast.stat_inode_key gives the numbers."""
     return INODE_KEY.pack(dev, gen, ino)
 
 
