@@ -28,6 +28,8 @@ TRACEPOINT_OF = {
     "trace_pod_syscalls": "raw_syscalls/sys_enter",
 }
 CORRELATION_PROGRAMS = ("track_fork", "track_exec", "track_exit", "track_attach")
+# The object built from bpf/tapio.bpf.c, and the same without kfuncs.
+OBJECTS = ("tapio.bpf.o", "tapio-nokfunc.bpf.o")
 
 
 class KernelUnavailable(RuntimeError):
@@ -43,7 +45,11 @@ def object_path(features: dict | None = None) -> str:
         return env
     if features is None:
         features = compat.probe()
-    name = "tapio.bpf.o" if features[compat.RDONLY_CAST].available else "tapio-nokfunc.bpf.o"
+    return packaged_object(OBJECTS[0] if features[compat.RDONLY_CAST].available else OBJECTS[1])
+
+
+def packaged_object(name: str) -> str:
+    """Where setup.py's build_bpf put one of OBJECTS."""
     return str(resources.files("tapio_node.kernel").joinpath("obj", name))
 
 
