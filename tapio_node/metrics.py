@@ -1,4 +1,4 @@
-"""Prometheus metrics (prefix `kernel_monitor_`, the seed's), on a private registry.
+"""Prometheus metrics (prefix `kernel_monitor_`), on a private registry.
 
 Two kinds, as client_python's "Writing exporters" advises:
 

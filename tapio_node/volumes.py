@@ -43,8 +43,8 @@ class MapFull(Exception):
 
 
 class MountInfo(msgspec.Struct, frozen=True):
-    """A ConfigMap/Secret mount named by another collector (the seed's
-    MountInfo): its host dir is watched like a kubelet volume."""
+    """A ConfigMap/Secret mount named by another collector (the collector
+    API's MountInfo): its host dir is watched like a kubelet volume."""
     name: str
     namespace: str | None
     mount_path: str
