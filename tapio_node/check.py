@@ -336,7 +336,7 @@ def check_hooks(have_tracepoints: bool) -> list[Check]:
 
 
 def check_kernel_features() -> list[Check]:
-    """What the BPF side adapts to on this kernel (tapio_node/compat.py):
+    """What the BPF side adapts to on this kernel (tapio_node/kernel/compat.py):
     never fatal, each missing one says what it costs."""
     return [Check(name=f"kernel feature {f.name}", ok=f.available, fatal=False,
                   detail=f"present ({f.uses})" if f.available else f"absent before {f.since}: {f.off}",
