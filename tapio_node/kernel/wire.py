@@ -3,8 +3,8 @@ map keys and values, and the pure-Python twin of the Cython record folder.
 tests/unit/test_wire_btf.py checks every constant against the header and
 every struct against the compiled object's BTF.
 
-Tuples produced by fold_records() and by _fast.RingReader.take() have the
-same shape:
+RecordFolder.take() and _fast.RingReader.take() return tuples of the same
+shape:
   access:  (REC_ACCESS, pid, tid, cgroup_id, comm, dev, gen, ino,
             volume_id, file_id, flags, op, path, dnames|None,
             count, first_ts, last_ts, timestamps|None)
