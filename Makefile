@@ -44,7 +44,7 @@ mounts:
 
 # Load every program through the kernel verifier.
 verify: build mounts
-	$(VPY) -m tapio_node.verify
+	$(VPY) -m tapio_node.kernel.verify
 
 # The whole suite on this kernel, then on Debian 12's kernel in a VM the
 # kernel subset and the .deb booted with systemd (TEST_KERNELS=, empty for
@@ -77,4 +77,4 @@ deb: deps
 	$(MAKE) -C packaging deb
 
 clean:
-	rm -rf build $(VENV) *.egg-info tapio_node/*.so tapio_node/bpf/*.o _fast/*.c
+	rm -rf build $(VENV) *.egg-info tapio_node/*.so tapio_node/kernel/obj _fast/*.c

@@ -14,11 +14,12 @@ from Cython.Build import cythonize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BPF_SRC = os.path.join("bpf", "tapio.bpf.c")
-BPF_OBJ = os.path.join("tapio_node", "bpf", "tapio.bpf.o")
+# Built objects go into the package, apart from the C sources in bpf/.
+BPF_OBJ = os.path.join("tapio_node", "kernel", "obj", "tapio.bpf.o")
 # The same programs without the bpf_rdonly_cast kfunc (kernels before 6.2):
 # resolving even a __weak kfunc the kernel lacks makes libbpf walk module
 # BTFs, which needs CAP_SYS_ADMIN, which the systemd unit does not grant.
-BPF_OBJ_NO_KFUNC = os.path.join("tapio_node", "bpf", "tapio-nokfunc.bpf.o")
+BPF_OBJ_NO_KFUNC = os.path.join("tapio_node", "kernel", "obj", "tapio-nokfunc.bpf.o")
 
 
 def compile_bpf():
@@ -40,7 +41,7 @@ def compile_bpf():
 
 
 class BuildBpf(Command):
-    description = "compile the CO-RE BPF object into tapio_node/bpf/"
+    description = "compile the CO-RE BPF objects into tapio_node/kernel/obj/"
     user_options = []
 
     def initialize_options(self):

@@ -1,8 +1,9 @@
 # cython: language_level=3
 """libbpf loader, batched ring-buffer reader and kubelet path parser.
 
-Pure-Python twins: tapio_node.wire (record decoder) and tapio_node.kpath
-(path parser); TAPIO_PURE_PYTHON=1 makes the daemon use them.
+Pure-Python twins: tapio_node.kernel.wire (record decoder) and
+tapio_node.kpath (path parser); TAPIO_PURE_PYTHON=1 makes the daemon use
+them.
 """
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int32_t
 from libc.stdlib cimport malloc, calloc, free
@@ -657,7 +658,7 @@ cdef class RingReader:
         return added
 
     def take(self):
-        """The folded batch as tuples (see tapio_node.wire), then reset."""
+        """The folded batch as tuples (see tapio_node.kernel.wire), then reset."""
         cdef Batch *b = &self.b
         cdef uint32_t g, i
         cdef const tapio_access *a
@@ -701,7 +702,7 @@ cdef class RingReader:
 
 
 # -- inode identity of files on disk ---------------------------------------
-def inode_key(path):
+def stat_inode_key(path):
     """(kernel s_dev, i_generation or None, i_ino, st_mode) of a path, not
     following a final symlink. The generation comes from the file handle
     (ext4: [ino, gen]; tmpfs: [gen, ino_lo, ino_hi]); None when the handle

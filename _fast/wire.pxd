@@ -1,5 +1,5 @@
-# Mirror of bpf/tapio.h; tests/kernel/test_wire.py checks it against the
-# object's BTF.
+# Mirror of bpf/tapio.h; tests/unit/test_wire_btf.py checks its structs
+# against the object's BTF.
 from libc.stdint cimport uint32_t, uint64_t, int32_t, int64_t
 
 

@@ -67,7 +67,7 @@ class WatchedInodes:
 
     def has(self, path):
         """Is the file at path (not following a final symlink) in the map?"""
-        kdev, gen, ino, _mode = _fast.inode_key(path)
+        kdev, gen, ino, _mode = _fast.stat_inode_key(path)
         for g in {gen or 0, 0}:
             if self.map.lookup(struct.pack("<IIQ", kdev, g, ino)) is not None:
                 return True

@@ -6,7 +6,7 @@
  * kernel cannot run and the object loads everywhere.
  *
  * The user-space mirror, which reports what is off and what it costs, is
- * tapio_node/compat.py. Oldest kernel: 5.10 (Debian 11). */
+ * tapio_node/kernel/compat.py. Oldest kernel: 5.10 (Debian 11). */
 #ifndef __TAPIO_COMPAT_BPF_H
 #define __TAPIO_COMPAT_BPF_H
 

@@ -4,7 +4,7 @@
  *
  * The file is identified by its inode (dev, generation, ino) after the open
  * succeeded, never by the path string the process passed: containers open
- * bind-mounted, symlinked, relative paths (see DESIGN.md). */
+ * bind-mounted, symlinked, relative paths (README.md, "How it works"). */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
@@ -506,7 +506,7 @@ int BPF_PROG(track_attach, struct cgroup *dst, const char *path,
 	return 0;
 }
 
-/* pod_syscall records (seed): sample 1 in sampling_rate syscalls of
+/* pod_syscall records: sample 1 in sampling_rate syscalls of
  * processes in known pod cgroups. Autoload is off when the rate is 0. */
 SEC("tracepoint/raw_syscalls/sys_enter")
 int trace_pod_syscalls(struct trace_event_raw_sys_enter *ctx)

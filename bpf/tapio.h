@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
-/* Wire structs shared by tapio.bpf.c and user space (_fast/wire.pxd mirrors
- * this file; tests/kernel/test_wire.py checks the mirror against the BTF). */
+/* Wire structs shared by tapio.bpf.c and user space (tapio_node/kernel/wire.py
+ * and _fast/wire.pxd mirror this file; tests/unit/test_wire_btf.py checks
+ * both mirrors against it and the compiled object's BTF). */
 #ifndef __TAPIO_H
 #define __TAPIO_H
 

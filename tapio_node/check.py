@@ -17,7 +17,7 @@ import sys
 
 import msgspec
 
-from . import compat
+from .kernel import compat
 
 __all__ = ["Check", "run_checks", "preflight", "main", "format_check"]
 
@@ -336,7 +336,7 @@ def check_hooks(have_tracepoints: bool) -> list[Check]:
 
 
 def check_kernel_features() -> list[Check]:
-    """What the BPF side adapts to on this kernel (tapio_node/compat.py):
+    """What the BPF side adapts to on this kernel (tapio_node/kernel/compat.py):
     never fatal, each missing one says what it costs."""
     return [Check(name=f"kernel feature {f.name}", ok=f.available, fatal=False,
                   detail=f"present ({f.uses})" if f.available else f"absent before {f.since}: {f.off}",
@@ -414,7 +414,7 @@ def check_listen(listen_address: str) -> Check:
 
 def check_bpf_object() -> Check:
     try:
-        from .bpf import object_path
+        from .kernel.loader import object_path
         path = object_path()
     except Exception as e:  # the loader module itself is broken or missing
         return Check(name="BPF object", ok=False, fatal=True, detail=f"cannot locate it: {e}",

@@ -1,4 +1,4 @@
-"""The YAML config: the seed's `kernel_collector:` keys plus ours,
+"""The YAML config: the `kernel_collector:` keys existing configs carry, plus ours,
 validated at the edge with msgspec; typed structs inside."""
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class ConfigError(Exception):
 
 
 class KernelCollector(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    # The seed's keys.
+    # Keys existing kernel_collector configs carry.
     name: str = "kernel-config-monitor"
     buffer_size: int = 1000
     enable_ebpf: bool = True

@@ -15,8 +15,9 @@ import time
 
 import msgspec
 
-from tapio_node import __version__, events as ev, wire
+from tapio_node import __version__, events as ev
 from tapio_node.config import ConfigError, KernelCollector, load_config, resolve_cgroup_root
+from tapio_node.kernel import wire
 from tapio_node.sinks import JournalSinkAdapter, NullSink, StdoutSink
 
 log = logging.getLogger("tapio_node.daemon")
@@ -179,7 +180,7 @@ class Daemon:
             sys.stderr.flush()
 
     def start(self) -> None:
-        from tapio_node.bpf import Kernel, KernelUnavailable
+        from tapio_node.kernel.loader import Kernel, KernelUnavailable
         from tapio_node.metrics import Metrics
         from tapio_node.volumes import VolumeIndex
 
@@ -246,7 +247,7 @@ class Daemon:
         except ImportError:
             log.warning("pod correlation unavailable in this build")
             return
-        from tapio_node.bpf import KernelMaps
+        from tapio_node.kernel.maps import KernelMaps
 
         root = resolve_cgroup_root(self.kc)
         if root is None:
@@ -664,7 +665,7 @@ class Daemon:
 
 
 def run(config_path: str | None, output: str) -> int:
-    from tapio_node.bpf import KernelUnavailable
+    from tapio_node.kernel.loader import KernelUnavailable
 
     try:
         kc = load_config(config_path).kernel_collector

@@ -26,7 +26,7 @@ from .metrics import DaemonState, Metrics
 
 __all__ = ["serve", "Server", "ListenError", "health", "parse_listen_address", "STUCK_AFTER"]
 
-# A loop that has not run for this long is stuck (the seed's watchdog is 30s+).
+# A loop that has not run for this long is stuck.
 STUCK_AFTER = 30.0
 # The bounds (see the module doc); Prometheus and a probe need one or two.
 WORKERS = 4

@@ -1,4 +1,4 @@
-"""Prometheus metrics (prefix `kernel_monitor_`, the seed's), on a private registry.
+"""Prometheus metrics (prefix `kernel_monitor_`), on a private registry.
 
 Two kinds, as client_python's "Writing exporters" advises:
 
@@ -78,7 +78,7 @@ class DaemonState(msgspec.Struct, kw_only=True):
     loop_heartbeat_age_seconds: float
     backend: str
     status: str
-    # Kernel features the BPF side runs without (tapio_node/compat.py).
+    # Kernel features the BPF side runs without (tapio_node/kernel/compat.py).
     kernel_features_off: list[str] = []
     # Accesses that could not be reported, by reason (LOSS_REASONS), and
     # the reasons whose count grew within LOSS_RECENT_SECONDS.

@@ -21,7 +21,8 @@ import time
 import msgspec
 from inotify_simple import INotify, flags as _F
 
-from tapio_node import kpath, wire
+from tapio_node import kpath
+from tapio_node.kernel import wire
 
 __all__ = [
     "QOS", "PodInfo", "Accessor", "CgroupRef", "PodRegistry",

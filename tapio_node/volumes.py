@@ -22,7 +22,8 @@ import msgspec
 
 from inotify_simple import INotify, flags as IN
 
-from tapio_node import kpath, wire
+from tapio_node import kpath
+from tapio_node.kernel import wire
 
 log = logging.getLogger("tapio_node.volumes")
 
@@ -42,8 +43,8 @@ class MapFull(Exception):
 
 
 class MountInfo(msgspec.Struct, frozen=True):
-    """A ConfigMap/Secret mount named by another collector (the seed's
-    MountInfo): its host dir is watched like a kubelet volume."""
+    """A ConfigMap/Secret mount named by another collector (the collector
+    API's MountInfo): its host dir is watched like a kubelet volume."""
     name: str
     namespace: str | None
     mount_path: str
@@ -91,13 +92,15 @@ class WatchedFile:
 
 class VolumeIndex:
     def __init__(self, pods_path: str, plugins: dict[str, str], maps=None,
-                 inode_key=None, max_files: int | None = None):
+                 stat_inode_key=None, max_files: int | None = None):
         """plugins: kubelet plugin dir name -> kind; maps: the Kernel's
         maps dict (None: index only, e.g. for `tapio-node check`);
-        max_files: entries of watched_inodes (max_watched_files)."""
-        if inode_key is None:
-            from tapio_node._fast import inode_key
-        self._inode_key = inode_key
+        max_files: entries of watched_inodes (max_watched_files);
+        stat_inode_key: path -> (dev, gen, ino, mode), by default
+        _fast.stat_inode_key."""
+        if stat_inode_key is None:
+            from tapio_node._fast import stat_inode_key
+        self._stat_inode_key = stat_inode_key
         self.pods_path = pods_path.rstrip("/") or "/"
         self.plugins = plugins
         self.maps = maps
@@ -154,7 +157,7 @@ class VolumeIndex:
     # -- kernel maps -------------------------------------------------------
     def _key_bytes(self, dev: int, gen: int | None, ino: int) -> bytes:
         use_gen = self._dev_use_gen.setdefault(dev, gen is not None)
-        return wire.inode_key(dev, gen if use_gen and gen is not None else 0, ino)
+        return wire.pack_inode_key(dev, gen if use_gen and gen is not None else 0, ino)
 
     def _dev_flags(self, dev: int) -> int:
         return wire.DEV_USE_GEN if self._dev_use_gen.get(dev) else 0
@@ -326,7 +329,7 @@ class VolumeIndex:
             self._skip(vol.path, "volume is not a directory (symlink?)")
             return self._remove_volume(vol)
         try:
-            dev, gen, ino, _mode = self._inode_key(vol.path)
+            dev, gen, ino, _mode = self._stat_inode_key(vol.path)
         except OSError:
             return self._remove_volume(vol)
         whole = st.st_dev != parent.st_dev
@@ -458,7 +461,7 @@ class VolumeIndex:
                 return
             if not e.is_file(follow_symlinks=False):
                 return  # key symlinks point into ..data; the target is indexed
-            dev, gen, ino, _mode = self._inode_key(e.path)
+            dev, gen, ino, _mode = self._stat_inode_key(e.path)
         except OSError:
             return
         found[self._key_bytes(dev, gen, ino)] = key

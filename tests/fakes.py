@@ -5,8 +5,8 @@ from tapio_node.pods import pack_pod_info
 
 
 class FakeMaps:
-    """tapio_node.bpf.KernelMaps' methods over dicts, for tests that do not
-    load BPF."""
+    """tapio_node.kernel.maps.KernelMaps' methods over dicts, for tests
+    that do not load BPF."""
 
     def __init__(self):
         self.pod_info: dict[int, bytes] = {}

@@ -13,7 +13,8 @@ import uuid
 
 import pytest
 
-from tapio_node import check, compat
+from tapio_node import check
+from tapio_node.kernel import compat
 from tapio_node.config import KernelCollector, cgroup_v2_mount
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))

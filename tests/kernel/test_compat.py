@@ -8,15 +8,15 @@ import sys
 import pytest
 
 from harness import daemon_factory  # noqa: F401  (fixture)
-from tapio_node import compat
-from tapio_node.bpf import Kernel, TRACEPOINT_OF, object_path, tracepoint_exists
+from tapio_node.kernel import compat
+from tapio_node.kernel.loader import Kernel, TRACEPOINT_OF, object_path, tracepoint_exists
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("require_root_bpf")]
 
 
 def test_every_program_verifies_here():
     """Also the programs the daemon leaves off for a missing feature."""
-    r = subprocess.run([sys.executable, "-m", "tapio_node.verify"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "tapio_node.kernel.verify"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
     for name in compat.probe():

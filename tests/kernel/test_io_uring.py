@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from harness import daemon_factory  # noqa: F401  (fixture)
-from tapio_node import compat
+from tapio_node.kernel import compat
 from tapio_node.sim.node import VolumeSpec
 
 pytestmark = pytest.mark.kernel

@@ -289,7 +289,8 @@ def test_kubelet_role_by_cgroup_and_executable(node):
 
 def test_real_bpf_maps(node, request):
     request.getfixturevalue("require_root_bpf")     # tests/kernel/conftest.py: skips with a reason
-    from tapio_node.bpf import Kernel, KernelMaps
+    from tapio_node.kernel.loader import Kernel
+    from tapio_node.kernel.maps import KernelMaps
 
     uid = str(uuid.uuid4())
     cid = secrets.token_hex(32)

@@ -230,8 +230,8 @@ def test_the_kfunc_free_object_reports_the_same(sim_node, daemon_factory):
     """Kernels before 6.2 get tapio-nokfunc.bpf.o (CO-RE probe reads instead
     of bpf_rdonly_cast); here it runs on this kernel too, so both builds
     are tested everywhere. A ConfigMap on disk exercises the parent walk."""
-    from tapio_node import compat
-    from tapio_node.bpf import object_path
+    from tapio_node.kernel import compat
+    from tapio_node.kernel.loader import object_path
 
     path = object_path({**compat.probe(), compat.RDONLY_CAST: compat.Feature(
         name=compat.RDONLY_CAST, available=False, since="6.2", uses="")})

@@ -262,7 +262,7 @@ def install(root, deb):
     site = list(Path(root, VENV.lstrip("/"), "lib").glob("python3.*/site-packages/tapio_node"))
     expect(len(site) == 1 and list(site[0].glob("_fast*.so")), "venv has tapio_node/_fast*.so")
     for obj in ("tapio.bpf.o", "tapio-nokfunc.bpf.o"):
-        expect(Path(site[0], "bpf", obj).is_file(), f"venv has tapio_node/bpf/{obj}")
+        expect(Path(site[0], "kernel", "obj", obj).is_file(), f"venv has tapio_node/kernel/obj/{obj}")
 
 
 def check_cli(root):

@@ -3,7 +3,7 @@ import pytest
 from tapio_node.config import ConfigError, KernelCollector, parse_config, split_listen_address
 
 
-def test_defaults_match_the_seed():
+def test_kernel_collector_defaults():
     kc = parse_config("").kernel_collector
     assert kc.name == "kernel-config-monitor"
     assert kc.buffer_size == 1000
@@ -17,7 +17,7 @@ def test_defaults_match_the_seed():
     assert kc.syscall_sampling_rate == 0
 
 
-def test_seed_example_config_parses():
+def test_kernel_collector_example_config_parses():
     text = """
 kernel_collector:
   name: "kernel-config-monitor"

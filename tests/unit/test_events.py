@@ -16,7 +16,7 @@ def _event(ts="x"):
         cross_pod=False)
 
 
-def test_event_json_has_the_seed_fields():
+def test_event_json_has_the_base_fields():
     d = json.loads(ev.encode(_event("2026-01-01T00:00:00.000000001Z")))
     for key in ("event_type", "timestamp", "pod_uid", "namespace", "config_name", "mount_path"):
         assert key in d

@@ -2,7 +2,7 @@
 (py-decoder) must produce the same groups from the same records."""
 import pytest
 
-from tapio_node import wire
+from tapio_node.kernel import wire
 
 try:
     from tapio_node._fast import RingReader

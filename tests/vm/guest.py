@@ -24,7 +24,7 @@ def _mount(fstype: str, target: str) -> None:
 
 def load_report() -> dict:
     """What the daemon's loader makes of this kernel."""
-    from tapio_node.bpf import Kernel
+    from tapio_node.kernel.loader import Kernel
 
     kernel = Kernel(pod_correlation=True)
     try:

@@ -28,7 +28,7 @@ REPO = kernels.REPO_ROOT
 RESULTS = os.path.join(REPO, ".cache", "vm-results")
 
 # The named subset each VM runs (the whole tests/kernel suite takes too long
-# under TCG). Each entry is there for one thing the issue names.
+# under TCG). Each entry covers one thing that differs between kernels.
 SUBSETS = {
     "matrix": [
         "tests/kernel/test_compat.py",                       # load and attach, what is off

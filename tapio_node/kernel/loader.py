@@ -1,14 +1,15 @@
-"""The kernel side as one object: load, attach, pin, maps, ring buffer."""
+"""The BPF object as one Kernel: load, attach, pin, map handles, ring
+buffer, counters (the typed correlation maps are in kernel.maps)."""
 from __future__ import annotations
 
 import logging
 import os
 from importlib import resources
 
-from tapio_node import compat, wire
-from tapio_node.compat import tracefs_root
+from tapio_node.kernel import compat, wire
+from tapio_node.kernel.compat import tracefs_root
 
-log = logging.getLogger("tapio_node.bpf")
+log = logging.getLogger("tapio_node.kernel")
 
 # Correlation maps for other collectors; the watch maps for troubleshooting.
 PINNED_MAPS = ("pod_info_map", "container_pids", "watched_inodes", "watched_devs", "watched_dirs")
@@ -27,6 +28,8 @@ TRACEPOINT_OF = {
     "trace_pod_syscalls": "raw_syscalls/sys_enter",
 }
 CORRELATION_PROGRAMS = ("track_fork", "track_exec", "track_exit", "track_attach")
+# The object built from bpf/tapio.bpf.c, and the same without kfuncs.
+OBJECTS = ("tapio.bpf.o", "tapio-nokfunc.bpf.o")
 
 
 class KernelUnavailable(RuntimeError):
@@ -42,8 +45,12 @@ def object_path(features: dict | None = None) -> str:
         return env
     if features is None:
         features = compat.probe()
-    name = "tapio.bpf.o" if features[compat.RDONLY_CAST].available else "tapio-nokfunc.bpf.o"
-    return str(resources.files("tapio_node").joinpath("bpf", name))
+    return packaged_object(OBJECTS[0] if features[compat.RDONLY_CAST].available else OBJECTS[1])
+
+
+def packaged_object(name: str) -> str:
+    """Where setup.py's build_bpf put one of OBJECTS."""
+    return str(resources.files("tapio_node.kernel").joinpath("obj", name))
 
 
 def tracepoint_exists(tp: str) -> bool:
@@ -182,40 +189,3 @@ class Kernel:
         obj.close()
         self.obj = None
 
-
-class KernelMaps:
-    """The correlation maps, typed: what pods.py and other collectors use."""
-
-    def __init__(self, kernel: Kernel):
-        self._pods = kernel.maps["pod_info_map"]
-        self._pids = kernel.maps["container_pids"]
-
-    def put_pod_info(self, cgroup_id: int, info) -> None:
-        from tapio_node.pods import pack_pod_info
-
-        self._pods.update(wire.U64.pack(cgroup_id), pack_pod_info(info))
-
-    def delete_pod_info(self, cgroup_id: int) -> None:
-        self._pods.delete(wire.U64.pack(cgroup_id))
-
-    def put_container_pid(self, pid: int, cgroup_id: int) -> None:
-        self._pids.update(wire.U32.pack(pid), wire.U64.pack(cgroup_id))
-
-    def delete_container_pid(self, pid: int) -> None:
-        self._pids.delete(wire.U32.pack(pid))
-
-    def pod_info_items(self) -> list[tuple[int, bytes]]:
-        out = []
-        for key in self._pods.keys():
-            raw = self._pods.lookup(key)
-            if raw is not None:
-                out.append((wire.U64.unpack(key)[0], raw))
-        return out
-
-    def container_pid_items(self) -> list[tuple[int, int]]:
-        out = []
-        for key in self._pids.keys():
-            raw = self._pids.lookup(key)
-            if raw is not None:
-                out.append((wire.U32.unpack(key)[0], wire.U64.unpack(raw)[0]))
-        return out

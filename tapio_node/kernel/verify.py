@@ -3,8 +3,8 @@
 import os
 import sys
 
-from tapio_node import compat
-from tapio_node.bpf import object_path, tracepoint_exists, TRACEPOINT_OF
+from tapio_node.kernel import compat
+from tapio_node.kernel.loader import object_path, tracepoint_exists, TRACEPOINT_OF
 
 
 def main() -> int:

@@ -1,8 +1,10 @@
-"""The wire structs of bpf/tapio.h in Python: packers for map keys and
-values, and the pure-Python twin of the Cython record folder.
+"""The wire structs of bpf/tapio.h in Python: its constants, packers for
+map keys and values, and the pure-Python twin of the Cython record folder.
+tests/unit/test_wire_btf.py checks every constant against the header and
+every struct against the compiled object's BTF.
 
-Tuples produced by fold_records() and by _fast.RingReader.take() have the
-same shape:
+RecordFolder.take() and _fast.RingReader.take() return tuples of the same
+shape:
   access:  (REC_ACCESS, pid, tid, cgroup_id, comm, dev, gen, ino,
             volume_id, file_id, flags, op, path, dnames|None,
             count, first_ts, last_ts, timestamps|None)
@@ -32,8 +34,17 @@ F_BY_DIR = 0x8
 F_UNLINKED = 0x10
 F_DNAME_TRUNC = 0x20
 
-OP_NAMES = {0: "openat", 1: "open", 2: "openat2", 3: "creat", 4: "open_by_handle_at",
-            5: "io_uring_openat", 6: "io_uring_openat2"}
+OP_OPENAT = 0
+OP_OPEN = 1
+OP_OPENAT2 = 2
+OP_CREAT = 3
+OP_OPEN_BY_HANDLE = 4
+OP_URING_OPENAT = 5
+OP_URING_OPENAT2 = 6
+# What an event's "syscall" says for each op.
+OP_NAMES = {OP_OPENAT: "openat", OP_OPEN: "open", OP_OPENAT2: "openat2", OP_CREAT: "creat",
+            OP_OPEN_BY_HANDLE: "open_by_handle_at", OP_URING_OPENAT: "io_uring_openat",
+            OP_URING_OPENAT2: "io_uring_openat2"}
 
 DEV_USE_GEN = 0x1
 DEV_WHOLE = 0x2
@@ -63,7 +74,8 @@ POD_INFO = struct.Struct(
     f"<{UID_LEN}s{NAME_LEN}s{POD_NAME_LEN}s{CONTAINER_ID_LEN}sqII")
 
 
-def inode_key(dev: int, gen: int, ino: int) -> bytes:
+def pack_inode_key(dev: int, gen: int, ino: int) -> bytes:
+    """A watched_inodes key; _fast.stat_inode_key gives the numbers."""
     return INODE_KEY.pack(dev, gen, ino)
 
 
