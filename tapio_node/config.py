@@ -224,5 +224,6 @@ def resolve_cgroup_root(kc: KernelCollector) -> str | None:
     return cgroup_v2_mount() if kc.cgroup_root == "auto" else kc.cgroup_root
 
 
-def default_node_name() -> str:
-    return socket.gethostname()
+def node_name_of(kc: KernelCollector) -> str:
+    """The configured node name, else $NODE_NAME (a DaemonSet's downward-API env), else the host name."""
+    return kc.node_name or os.environ.get("NODE_NAME") or socket.gethostname()

@@ -263,11 +263,11 @@ class Daemon:
 
     def _start_podspecs(self) -> None:
         try:
-            from tapio_node import podspec
+            from tapio_node.podspec.source import from_config
         except ImportError:
             return
         try:
-            self.podspecs = podspec.from_config(self.kc, metrics=self.metrics)
+            self.podspecs = from_config(self.kc, metrics=self.metrics)
         except AttributeError:
             return
         if self.podspecs is not None:
