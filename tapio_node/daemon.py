@@ -248,16 +248,10 @@ class Daemon:
         self.pods.start()
 
     def _start_podspecs(self) -> None:
-        try:
-            from tapio_node.podspec.source import from_config
-        except ImportError:
-            return
-        try:
-            self.podspecs = from_config(self.kc, metrics=self.metrics)
-        except AttributeError:
-            return
-        if self.podspecs is not None:
-            self.podspecs.start()
+        from tapio_node.podspec.source import from_config
+
+        self.podspecs = from_config(self.kc, metrics=self.metrics)
+        self.podspecs.start()
 
     def _make_sink(self):
         if self.output == "stdout":
