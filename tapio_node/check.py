@@ -427,8 +427,8 @@ def check_bpf_object() -> Check:
 def check_podspecs(cfg) -> list[Check]:
     """Pod-spec sources (static manifests, the API): optional, so never fatal."""
     try:
-        from . import podspec
-        results = podspec.check_config(cfg)
+        from .podspec.check import check_config
+        results = check_config(cfg)
     except Exception as e:  # an optional source must not break `check`
         return [Check(name="pod specs", ok=False, fatal=False, detail=f"cannot check: {e}",
                       fix="events will name volumes, not ConfigMaps/Secrets")]

@@ -224,5 +224,24 @@ def resolve_cgroup_root(kc: KernelCollector) -> str | None:
     return cgroup_v2_mount() if kc.cgroup_root == "auto" else kc.cgroup_root
 
 
-def default_node_name() -> str:
-    return socket.gethostname()
+def node_name_of(kc: KernelCollector) -> str:
+    """The configured node name, else $NODE_NAME (a DaemonSet's downward-API env), else the host name."""
+    return kc.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+def plugins_for(kc: KernelCollector) -> dict[str, str]:
+    """Watched kubelet volume plugin dir names -> the kind of volume behind them."""
+    out = {}
+    if kc.monitor_configmaps:
+        out[kc.configmap_volume_pattern] = "configmap"
+    if kc.monitor_secrets:
+        out[kc.secret_volume_pattern] = "secret"
+    if kc.monitor_projected:
+        out[kc.projected_volume_pattern] = "projected"
+    return out
+
+
+# Keys a SIGHUP reload does not apply: the daemon keeps the old value until restarted.
+RESTART_KEYS = ("ring_buffer_size", "pin_path", "listen_address", "syscall_sampling_rate",
+                "enable_ebpf", "enable_pod_correlation", "kubelet_pods_path", "cgroup_root",
+                "pod_logs_path", "kubeconfig", "node_name", "static_pods_path", "buffer_size")

@@ -16,7 +16,7 @@ import time
 import msgspec
 
 from tapio_node import __version__, events as ev
-from tapio_node.config import ConfigError, KernelCollector, load_config, resolve_cgroup_root
+from tapio_node.config import RESTART_KEYS, ConfigError, KernelCollector, load_config, plugins_for, resolve_cgroup_root
 from tapio_node.kernel import wire
 from tapio_node.sinks import JournalSinkAdapter, NullSink, StdoutSink
 
@@ -43,9 +43,6 @@ PERIODIC_SECONDS = 1.0
 DRAIN_BUDGET_SECONDS = 0.05
 # Overflow counts are drained one flip after they were written: this often.
 OVERFLOW_SECONDS = 0.25
-RESTART_KEYS = ("ring_buffer_size", "pin_path", "listen_address", "syscall_sampling_rate",
-                "enable_ebpf", "enable_pod_correlation", "kubelet_pods_path", "cgroup_root",
-                "pod_logs_path", "kubeconfig", "node_name", "static_pods_path", "buffer_size")
 
 
 PROJECTED_SOURCE_EVENT = {"configmap": ev.CONFIGMAP_ACCESS, "secret": ev.SECRET_ACCESS}
@@ -57,17 +54,6 @@ def _comm_of(pid: int) -> str:
             return fh.read().strip()
     except OSError:
         return ""
-
-
-def plugins_for(kc: KernelCollector) -> dict[str, str]:
-    out = {}
-    if kc.monitor_configmaps:
-        out[kc.configmap_volume_pattern] = "configmap"
-    if kc.monitor_secrets:
-        out[kc.secret_volume_pattern] = "secret"
-    if kc.monitor_projected:
-        out[kc.projected_volume_pattern] = "projected"
-    return out
 
 
 def _human_rate(r: float) -> str:
@@ -263,16 +249,10 @@ class Daemon:
         self.pods.start()
 
     def _start_podspecs(self) -> None:
-        try:
-            from tapio_node import podspec
-        except ImportError:
-            return
-        try:
-            self.podspecs = podspec.from_config(self.kc, metrics=self.metrics)
-        except AttributeError:
-            return
-        if self.podspecs is not None:
-            self.podspecs.start()
+        from tapio_node.podspec.source import from_config
+
+        self.podspecs = from_config(self.kc, metrics=self.metrics)
+        self.podspecs.start()
 
     def _make_sink(self):
         if self.output == "stdout":

@@ -12,13 +12,15 @@ import shutil
 import threading
 import time
 
+import prometheus_client
 import pytest
 
 from kube_api_server import KubeAPIServer, TestPKI, free_port, write_kubeconfig
-from tapio_node import podspec
-from tapio_node.podspec import KeySource, PodSpecs
-
-prometheus_client = pytest.importorskip("prometheus_client")
+from tapio_node import config, metrics
+from tapio_node.podspec.api import SourceError, api_client, api_config, list_pods
+from tapio_node.podspec.check import check, check_config
+from tapio_node.podspec.model import KeySource
+from tapio_node.podspec.source import PodSpecs, from_config
 
 FIX = os.path.join(os.path.dirname(__file__), "..", "fixtures", "podspec")
 NODE = "tapio-test-node"
@@ -268,8 +270,8 @@ def test_no_credentials_at_all(specs, tmp_path, monkeypatch, caplog):
     s.stop()
     assert all(not t.is_alive() for t in threading.enumerate() if t.name.startswith("tapio-podspec"))
 
-    res = podspec.check(static_pods_path=str(tmp_path / "none"), kubeconfig=str(tmp_path / "absent.conf"),
-                        node_name=NODE)
+    res = check(static_pods_path=str(tmp_path / "none"), kubeconfig=str(tmp_path / "absent.conf"),
+                node_name=NODE)
     api_res = res[-1]
     assert api_res[0] is False and "no Kubernetes API credentials" in api_res[1] and "kubeconfig" in api_res[2]
 
@@ -335,8 +337,8 @@ def test_stop_interrupts_a_blocked_watch(api, specs, pki, client_cert, tmp_path)
 def test_check_reports_source_and_node_access(api, pki, client_cert, tmp_path):
     srv = populated(api()).start()
     kc = write_kubeconfig(str(tmp_path / "kc"), srv.url, pki.ca, cert=client_cert)
-    res = podspec.check(static_pods_path=os.path.join(FIX, "manifests"), kubeconfig=kc, node_name=NODE,
-                        in_cluster=False)
+    res = check(static_pods_path=os.path.join(FIX, "manifests"), kubeconfig=kc, node_name=NODE,
+                in_cluster=False)
     ok_static, text_static, _ = res[0]
     assert ok_static and "2 pod(s)" in text_static
     assert any(not ok and "broken.yaml" in text for ok, text, _ in res)
@@ -344,14 +346,14 @@ def test_check_reports_source_and_node_access(api, pki, client_cert, tmp_path):
     assert ok and f"kubeconfig {kc}" in text and "(2 now)" in text and fix == ""
 
     # The node's certificate only lets it read its own pods: a wrong node_name is a 403.
-    res = podspec.check(static_pods_path=str(tmp_path / "none"), kubeconfig=kc, node_name="wrong-node",
-                        in_cluster=False)
+    res = check(static_pods_path=str(tmp_path / "none"), kubeconfig=kc, node_name="wrong-node",
+                in_cluster=False)
     ok, text, fix = res[-1]
     assert not ok and "403" in text and "node_name" in fix
 
     # A server nobody listens on.
     dead = write_kubeconfig(str(tmp_path / "dead"), f"https://127.0.0.1:{free_port()}", pki.ca, cert=client_cert)
-    res = podspec.check(static_pods_path=str(tmp_path / "none"), kubeconfig=dead, node_name=NODE, in_cluster=False)
+    res = check(static_pods_path=str(tmp_path / "none"), kubeconfig=dead, node_name=NODE, in_cluster=False)
     ok, text, fix = res[-1]
     assert not ok and "unreachable" in text and "server address" in fix
 
@@ -394,14 +396,13 @@ def test_unusable_kubeconfig_is_named(tmp_path, monkeypatch, content, expect):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     kc = tmp_path / "bad.conf"
     kc.write_text(content)
-    with pytest.raises(podspec.SourceError) as err:
-        podspec.api_config(kubeconfig=str(kc), in_cluster=None)
+    with pytest.raises(SourceError) as err:
+        api_config(kubeconfig=str(kc), in_cluster=None)
     assert f"kubeconfig {kc} is unusable" in str(err.value) and expect in str(err.value)
     assert err.value.reason == "no_credentials"
 
 
 def test_from_config_with_the_daemons_config(api, pki, client_cert, tmp_path):
-    config = pytest.importorskip("tapio_node.config")
     srv = populated(api()).start()
     kc_path = write_kubeconfig(str(tmp_path / "kc"), srv.url, pki.ca, cert=client_cert)
     cfg_file = tmp_path / "tapio.yaml"
@@ -409,9 +410,9 @@ def test_from_config_with_the_daemons_config(api, pki, client_cert, tmp_path):
         f"kernel_collector:\n  kubeconfig: {kc_path}\n  node_name: {NODE}\n  static_pods_path: {tmp_path / 'm'}\n"
     )
     kc = config.load_config(str(cfg_file)).kernel_collector
-    ok, text, _ = podspec.check_config(kc)[-1]
+    ok, text, _ = check_config(kc)[-1]
     assert ok and "(2 now)" in text
-    s = podspec.from_config(kc, backoff_base=0.02, backoff_cap=0.2)
+    s = from_config(kc, backoff_base=0.02, backoff_cap=0.2)
     try:
         s.start()
         assert wait_until(lambda: s.up), s.last_error
@@ -425,16 +426,16 @@ def test_paged_list_and_expired_continue_token(api, pki, client_cert, tmp_path):
     for i in range(5):
         srv.put_pod(new_pod(f"p{i}", f"77777777-0000-0000-0000-00000000000{i}"))
     kc = write_kubeconfig(str(tmp_path / "kc"), srv.url, pki.ca, cert=client_cert)
-    cfg, _ = podspec.api_config(kubeconfig=kc, in_cluster=False)
-    client = podspec.api_client(cfg)
+    cfg, _ = api_config(kubeconfig=kc, in_cluster=False)
+    client = api_client(cfg)
     try:
-        pods, rv = podspec.list_pods(client, NODE, resource_version=None, limit=2)
+        pods, rv = list_pods(client, NODE, resource_version=None, limit=2)
         assert len(pods) == 7 and rv
         assert [r["params"].get("continue") for r in srv.requests] == [None, "2", "4", "6"]
         # A continue token that expired between pages: the list starts over, then fails clearly.
         srv.expire_continue = True
-        with pytest.raises(podspec.SourceError, match="410"):
-            podspec.list_pods(client, NODE, resource_version=None, limit=2)
+        with pytest.raises(SourceError, match="410"):
+            list_pods(client, NODE, resource_version=None, limit=2)
         assert [r["params"].get("continue") for r in srv.requests[4:]] == [None, "2"] * 4
     finally:
         client.close()
@@ -457,7 +458,6 @@ def test_resource_version_from_the_future_falls_back_to_a_fresh_list(api, specs,
 
 
 def test_metrics_on_the_daemons_registry_survive_a_second_instance(specs, tmp_path, monkeypatch):
-    metrics = pytest.importorskip("tapio_node.metrics")
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     m = metrics.Metrics()
     # A SIGHUP reload builds a new PodSpecs on the same registry: no duplicate-series error.

@@ -1,4 +1,4 @@
-"""Pod spec -> object behind each volume key (tapio_node.podspec.PodMeta.resolve)."""
+"""Pod spec -> object behind each volume key (tapio_node.podspec.model.PodMeta.resolve)."""
 
 import json
 import os
@@ -7,20 +7,20 @@ import shutil
 import msgspec
 import pytest
 
-from tapio_node import podspec
-from tapio_node.podspec import KeySource
+from tapio_node.podspec import static
+from tapio_node.podspec.model import KeySource, Pod, PodMeta, list_decoder, pod_decoder, pod_meta
 
 FIX = os.path.join(os.path.dirname(__file__), "..", "fixtures", "podspec")
 NODE = "tapio-test-node"
 
 
-def load(name: str) -> podspec.PodMeta:
+def load(name: str) -> PodMeta:
     with open(os.path.join(FIX, name), "rb") as f:
-        return podspec.pod_meta(podspec._pod_decoder.decode(f.read()))
+        return pod_meta(pod_decoder.decode(f.read()))
 
 
 @pytest.fixture(scope="module")
-def web() -> podspec.PodMeta:
+def web() -> PodMeta:
     return load("pod_web.json")
 
 
@@ -86,9 +86,9 @@ def test_two_all_keys_sources_are_ambiguous():
                 ]
             },
         },
-        podspec._Pod,
+        Pod,
     )
-    m = podspec.pod_meta(pod)
+    m = pod_meta(pod)
     # Which object holds key x is not in the spec: no guess.
     assert m.resolve("both", "x") is None
 
@@ -105,9 +105,9 @@ def test_bare_replicaset_and_statefulset_owners():
                     "ownerReferences": [{"kind": kind, "name": name, "controller": True}],
                 }
             },
-            podspec._Pod,
+            Pod,
         )
-        m = podspec.pod_meta(pod)
+        m = pod_meta(pod)
         return m.workload_kind, m.workload_name
 
     assert owner("ReplicaSet", "plain-rs") == ("ReplicaSet", "plain-rs")
@@ -125,7 +125,7 @@ def test_mirror_pod_carries_kubelet_uid():
 def test_static_manifests_named_like_the_kubelet_does(tmp_path):
     d = tmp_path / "manifests"
     shutil.copytree(os.path.join(FIX, "manifests"), d)
-    pods, errors = podspec.scan_manifests(str(d), "Tapio-Test-Node")
+    pods, errors = static.scan_manifests(str(d), "Tapio-Test-Node")
     by_name = {(p.namespace, p.name): p for p in pods}
     assert set(by_name) == {("kube-system", "etcd-tapio-test-node"), ("default", "edge-proxy-tapio-test-node")}
     etcd = by_name["kube-system", "etcd-tapio-test-node"]
@@ -148,8 +148,8 @@ def test_static_manifests_named_like_the_kubelet_does(tmp_path):
 def test_bad_manifest_says_why(tmp_path, content, message):
     p = tmp_path / "m.yaml"
     p.write_bytes(content)
-    with pytest.raises(podspec.ManifestError, match=message):
-        podspec.read_manifest(str(p), NODE)
+    with pytest.raises(static.ManifestError, match=message):
+        static.read_manifest(str(p), NODE)
 
 
 def test_api_pod_list_shape_decodes():
@@ -159,5 +159,5 @@ def test_api_pod_list_shape_decodes():
         {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "42", "continue": "abc"},
          "items": [pod]}
     )
-    lst = podspec._list_decoder.decode(body)
+    lst = list_decoder.decode(body)
     assert (lst.metadata.resourceVersion, lst.metadata.continue_, len(lst.items)) == ("42", "abc", 1)
