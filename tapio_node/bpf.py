@@ -5,8 +5,7 @@ import logging
 import os
 from importlib import resources
 
-from tapio_node import compat, wire
-from tapio_node.compat import tracefs_root
+from tapio_node import compat, host, wire
 
 log = logging.getLogger("tapio_node.bpf")
 
@@ -47,7 +46,7 @@ def object_path(features: dict | None = None) -> str:
 
 
 def tracepoint_exists(tp: str) -> bool:
-    root = tracefs_root()
+    root = host.tracefs_root()
     return bool(root) and os.path.isdir(os.path.join(root, "events", tp))
 
 

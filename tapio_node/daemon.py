@@ -15,8 +15,8 @@ import time
 
 import msgspec
 
-from tapio_node import __version__, events as ev, wire
-from tapio_node.config import ConfigError, KernelCollector, load_config, resolve_cgroup_root
+from tapio_node import __version__, events as ev, host, wire
+from tapio_node.config import ConfigError, KernelCollector, load_config
 from tapio_node.sinks import JournalSinkAdapter, NullSink, StdoutSink
 
 log = logging.getLogger("tapio_node.daemon")
@@ -248,7 +248,7 @@ class Daemon:
             return
         from tapio_node.bpf import KernelMaps
 
-        root = resolve_cgroup_root(self.kc)
+        root = host.cgroup_root(self.kc.cgroup_root)
         if root is None:
             log.warning("no cgroup v2 mount found: pod correlation off "
                         "(mount cgroup2 or set kernel_collector.cgroup_root)")
@@ -296,7 +296,7 @@ class Daemon:
                 self._register(fd, self._on_pods)
         # Mount table changes (a secret tmpfs mounted or unmounted) show as
         # EPOLLPRI on /proc/self/mountinfo.
-        self._mounts_fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        self._mounts_fd = os.open(host.MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
         self._epoll.register(self._mounts_fd, select.EPOLLPRI)
         self._fd_handlers[self._mounts_fd] = self._on_mounts
 

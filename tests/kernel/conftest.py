@@ -9,10 +9,8 @@ import socket
 
 import pytest
 
+from tapio_node import host
 from tapio_node.simulate import SimulatedNode, SimulationError, cgroup2_mount, sweep_stale
-
-BTF_PATH = "/sys/kernel/btf/vmlinux"
-
 
 def missing_root() -> str | None:
     return None if os.geteuid() == 0 else "requires root"
@@ -27,13 +25,12 @@ def missing_cgroup2() -> str | None:
 
 
 def missing_btf() -> str | None:
-    return None if os.path.exists(BTF_PATH) else f"requires BTF at {BTF_PATH}"
+    return None if os.path.exists(host.BTF_PATH) else f"requires BTF at {host.BTF_PATH}"
 
 
 def missing_bpffs() -> str | None:
-    with open("/proc/self/mountinfo") as f:
-        if any(line.split(" - ")[1].startswith("bpf ") for line in f if " - " in line):
-            return None
+    if any(m.fstype == "bpf" for m in host.mounts()):
+        return None
     return "requires bpffs (mount -t bpf bpf /sys/fs/bpf, or `make mounts`)"
 
 

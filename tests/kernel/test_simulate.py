@@ -11,6 +11,7 @@ import sys
 import pytest
 from inotify_simple import INotify, flags
 
+from tapio_node import host
 from tapio_node.simulate import (
     SA_MOUNT, SimulationError, VolumeSpec, atomic_write, build_demo_node, cgroup2_mount,
     mounts_under, run_demo, sweep_stale,
@@ -20,12 +21,8 @@ TS_DIR = re.compile(r"^\.\.\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2}\.\d+$")
 
 
 def _mount_fstype(path):
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if left.split()[4] == path:
-                return right.split()[0]
-    return None
+    """The fstype of what is mounted right at `path` (the top mount), or None."""
+    return next((m.fstype for m in reversed(host.mounts()) if m.point == path), None)
 
 
 def _alive(pid):
