@@ -1,9 +1,10 @@
 # cython: language_level=3
-"""libbpf loader, batched ring-buffer reader and kubelet path parser.
+"""libbpf loader, batched ring-buffer reader, kubelet path and mountinfo
+parsers.
 
-Pure-Python twins: tapio_node.kernel.wire (record decoder) and
-tapio_node.kpath (path parser); TAPIO_PURE_PYTHON=1 makes the daemon use
-them.
+Pure-Python twins: tapio_node.kernel.wire (record decoder), tapio_node.kpath
+(path parser) and tapio_node.host (mountinfo); TAPIO_PURE_PYTHON=1 makes
+the daemon use them.
 """
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int32_t
 from libc.stdlib cimport malloc, calloc, free
@@ -11,10 +12,14 @@ from libc.string cimport memcpy, memcmp, memset, strerror
 
 cdef extern from "string.h" nogil:
     size_t strnlen(const char *s, size_t maxlen)
+    void *memchr(const void *s, int c, size_t n)
 from libc.errno cimport errno
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
+
+cdef extern from "Python.h":
+    object PyUnicode_DecodeFSDefaultAndSize(const char *s, Py_ssize_t size)
 
 from libbpf cimport *
 from wire cimport *
@@ -721,7 +726,7 @@ def stat_inode_key(path):
         rc = lstat(cpath, &st)
     if rc < 0:
         raise OSError(errno, strerror(errno).decode(), path)
-    kdev = (major(st.st_dev) << 20) | minor(st.st_dev)
+    kdev = (major(st.st_dev) << 20) | minor(st.st_dev)  # as tapio_node.host.kernel_dev
     ino = st.st_ino
     fh.handle_bytes = 128
     with nogil:
@@ -768,3 +773,112 @@ def parse_volume_path(str path, str pods_root):
     if vend == vstart:
         return None
     return path[i:j], plugin, path[vstart:vend], key
+
+
+# -- /proc/self/mountinfo --------------------------------------------------
+cdef inline bint _mi_num(const char *s, Py_ssize_t n, uint64_t *out) noexcept nogil:
+    """1 to 10 ASCII digits (the twin's rule), so the value fits easily."""
+    cdef uint64_t v = 0
+    cdef Py_ssize_t i
+    if n < 1 or n > 10:
+        return False
+    for i in range(n):
+        if s[i] < 48 or s[i] > 57:
+            return False
+        v = v * 10 + <uint64_t>(s[i] - 48)
+    out[0] = v
+    return True
+
+
+cdef inline bint _mi_oct(char c, char hi) noexcept nogil:
+    return 48 <= c <= hi
+
+
+cdef object _mi_field(char *s, Py_ssize_t n):
+    """Undo the kernel's \\ooo escapes (space, tab, newline, backslash) in
+    place, then decode as os.fsdecode does."""
+    cdef Py_ssize_t i = 0, o = 0
+    while i < n:
+        if (s[i] == 92 and i + 3 < n and _mi_oct(s[i + 1], 51)
+                and _mi_oct(s[i + 2], 55) and _mi_oct(s[i + 3], 55)):
+            s[o] = <char>((s[i + 1] - 48) * 64 + (s[i + 2] - 48) * 8 + (s[i + 3] - 48))
+            i += 4
+        else:
+            s[o] = s[i]
+            i += 1
+        o += 1
+    return PyUnicode_DecodeFSDefaultAndSize(s, o)
+
+
+cdef inline Py_ssize_t _mi_next(const char *s, Py_ssize_t n, Py_ssize_t *pos,
+                                Py_ssize_t *start) noexcept nogil:
+    """The field at *pos (split on single spaces, empty fields kept):
+    its length, or -1 past the line's last field."""
+    cdef Py_ssize_t p = pos[0], q
+    if p > n:
+        return -1
+    q = p
+    while q < n and s[q] != 32:
+        q += 1
+    start[0] = p
+    pos[0] = q + 1
+    return q - p
+
+
+cdef object _mi_line(char *s, Py_ssize_t n):
+    cdef Py_ssize_t pos = 0, fs[6], fl[6], tail_s[3], tail_l[3], a, l, k, c
+    cdef uint64_t mid, pid, maj, mn
+    cdef list opt = []
+    for k in range(6):
+        fl[k] = _mi_next(s, n, &pos, &fs[k])
+        if fl[k] < 0:
+            return None
+    while True:
+        l = _mi_next(s, n, &pos, &a)
+        if l < 0:
+            return None
+        if l == 1 and s[a] == 45:  # "-" ends the optional fields
+            break
+        opt.append((a, l))
+    for k in range(3):
+        tail_l[k] = _mi_next(s, n, &pos, &tail_s[k])
+        if tail_l[k] < 0:
+            return None
+    c = 0
+    while c < fl[2] and s[fs[2] + c] != 58:
+        c += 1
+    if (c == fl[2] or not _mi_num(s + fs[0], fl[0], &mid) or not _mi_num(s + fs[1], fl[1], &pid)
+            or not _mi_num(s + fs[2], c, &maj)
+            or not _mi_num(s + fs[2] + c + 1, fl[2] - c - 1, &mn)):
+        return None
+    return (mid, pid, (maj << 20) | mn,
+            _mi_field(s + fs[3], fl[3]), _mi_field(s + fs[4], fl[4]), _mi_field(s + fs[5], fl[5]),
+            tuple([_mi_field(s + <Py_ssize_t>o[0], <Py_ssize_t>o[1]) for o in opt]),
+            _mi_field(s + tail_s[0], tail_l[0]), _mi_field(s + tail_s[1], tail_l[1]),
+            _mi_field(s + tail_s[2], tail_l[2]))
+
+
+def parse_mountinfo(bytes data):
+    """/proc/<pid>/mountinfo text -> one tuple per well-formed line:
+    (mount_id, parent_id, dev, root, mount_point, options, optional fields,
+    fstype, source, super_options), dev as the kernel encodes it
+    (major << 20 | minor), strings unescaped. Lines that do not parse are
+    left out, as tapio_node.host._py_parse_mountinfo does."""
+    cdef Py_ssize_t n = len(data), pos = 0, end
+    cdef char *buf = <char *>PyMem_Malloc(n + 1)
+    cdef const char *nl
+    cdef list out = []
+    if buf == NULL:
+        raise MemoryError()
+    memcpy(buf, <const char *>data, n)
+    try:
+        while pos < n:
+            nl = <const char *>memchr(buf + pos, 10, n - pos)
+            end = n if nl == NULL else nl - buf
+            rec = _mi_line(buf + pos, end - pos)
+            if rec is not None:
+                out.append(rec)
+            pos = end + 1
+    finally:
+        PyMem_Free(buf)
+    return out

@@ -30,14 +30,14 @@ from bench import report, scenarios  # noqa: E402
 
 FULL = {"rounds": 5, "open_unw": 100_000, "read_wat": 100_000, "getpid": 1_000_000,
         "hammer": 1_000_000, "latency_rate": 1000, "latency_secs": 5, "race_secs": 5,
-        "pods": 1000, "storm_secs": 10}
+        "pods": 1000, "storm_secs": 10, "mounts": 3000}
 QUICK = {"rounds": 2, "open_unw": 50_000, "read_wat": 50_000, "getpid": 500_000,
          "hammer": 200_000, "latency_rate": 1000, "latency_secs": 2, "race_secs": 3,
-         "pods": 200, "storm_secs": 5}
+         "pods": 200, "storm_secs": 5, "mounts": 3000}
 # auditd's watch costs ~80 us per watched open: fewer iterations, same ns/op
 AUDIT_SCALE = 0.1
 SKIPPABLE = ("bpftrace", "auditd", "sampling", "latency", "race", "startup", "throughput",
-             "storm", "overflow")
+             "storm", "overflow", "mounts")
 
 
 def parse_args(argv):
@@ -256,7 +256,8 @@ def main(argv=None):
                          ("update_race", lambda: scenarios.update_race(env)),
                          ("startup", lambda: scenarios.startup(env, sz["pods"])),
                          ("storm", lambda: scenarios.storm(env)),
-                         ("overflow", lambda: scenarios.overflow(env))):
+                         ("overflow", lambda: scenarios.overflow(env)),
+                         ("mounts", lambda: scenarios.mount_change(env, sz["mounts"]))):
             if name.split("_")[-1] in skip:
                 continue
             log(f"{name} ...")

@@ -227,6 +227,17 @@ def _med(d, key, fmt="{:,.0f}"):
     return f"{fmt.format(v)} [{fmt.format(sp['min'])}-{fmt.format(sp['max'])}]"
 
 
+def fmt_mounts(r: dict) -> str:
+    """One line for bench.mountchange's result, its figures side by side."""
+    cells = "  ".join(f"{k.replace('_', ' ')} {r[k]['median_ms']:.2f}"
+                      for k in ("refresh", "read", "parse_old", "parse_python", "parse_fast",
+                                "only_python", "only_fast"))
+    return (f"mount change with {r['tmpfs_mounts']:,} tmpfs volumes ({r['mountinfo_lines']:,} "
+            f"mountinfo lines), median ms: {cells}; fast parser "
+            f"{r['only_python']['median_ms'] / max(r['only_fast']['median_ms'], 1e-9):.1f}x "
+            f"faster than the Python twin{'' if r['parsers_agree'] else '; PARSERS DISAGREE'}")
+
+
 def fmt_other(r):
     out = ["", "throughput: 2 processes open+close a watched key in the pod "
                "(median [min-max] over rounds)"]
@@ -274,6 +285,9 @@ def fmt_other(r):
                    f"{race['missed_opens']:,} missed; new inode in the map "
                    f"{'-' if m is None else f'{m:.1f} ms'} after the atomic write returned "
                    f"(write took {race['update_s'] * 1e3:.0f} ms)")
+    mc = r.get("mounts")
+    if mc:
+        out.append(fmt_mounts(mc))
     if "auditd_watch_records" in r:
         out.append(f"auditd logged {r['auditd_watch_records']:,} records for its watch")
     return "\n".join(out)

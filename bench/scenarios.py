@@ -337,6 +337,18 @@ def startup(env, n_pods):
                     "-> READY=1 on NOTIFY_SOCKET"}
 
 
+def mount_change(env, n_mounts=3000):
+    """The daemon's handling of one mount change with n_mounts tmpfs
+    volumes, and what re-reading mountinfo costs with each parser
+    (bench/mountchange.py, in its own mount namespace)."""
+    r = subprocess.run([sys.executable, "-m", "bench.mountchange", "--mounts", str(n_mounts)],
+                       cwd=env.repo, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TAPIO_MOUNTCHANGE_NS": ""})
+    if r.returncode != 0:
+        raise RuntimeError(f"bench.mountchange failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 # -- hostile tenants ---------------------------------------------------------
 
 def _hammer(env, cfg, secs, vary_path, stop_daemon_s=0.0):

@@ -17,14 +17,12 @@ import sys
 
 import msgspec
 
+from . import host
 from .kernel import compat
 
 __all__ = ["Check", "run_checks", "preflight", "main", "format_check"]
 
 OK, FAIL, WARN = "✔", "✘", "⚠"
-
-BTF_PATH = compat.BTF_PATH
-JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 # Capability numbers (linux/capability.h).
 CAP_DAC_READ_SEARCH = 2
@@ -89,44 +87,12 @@ def _map_create(map_type: int, key_size: int, value_size: int, max_entries: int)
     return fd
 
 
-def _mounts() -> list[tuple[str, str]]:
-    """(mount point, fs type) from /proc/self/mountinfo."""
-    out = []
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                point = left.split(" ")[4].replace("\\040", " ")
-                out.append((point, right.split(" ", 1)[0]))
-    except OSError:
-        pass
-    return out
-
-
-def _fs_type_at(path: str, mounts) -> str | None:
-    """File system type of the mount that holds `path` (longest prefix)."""
-    best, fstype = "", None
-    path = os.path.abspath(path)
-    for point, t in mounts:
-        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-            best, fstype = point, t
-    return fstype
-
-
-def _cap_eff() -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
-
-
 def _errno_text(e: int) -> str:
     return f"{errno.errorcode.get(e, e)} ({os.strerror(e)})"
 
 
 def _btf_func_id(name: str) -> int | None:
-    return compat.Btf.load(BTF_PATH).type_id(name, compat.BTF_KIND_FUNC)
+    return compat.Btf.load(host.BTF_PATH).type_id(name, compat.BTF_KIND_FUNC)
 
 
 def _probe_attach(prog_type: int, attach_type: int, func: str) -> tuple[bool, str]:
@@ -185,7 +151,7 @@ def check_root() -> Check:
 
 
 def check_caps() -> list[Check]:
-    eff = _cap_eff()
+    eff = host.cap_eff()
     has = lambda cap: bool(eff >> cap & 1)  # noqa: E731
     admin = has(CAP_SYS_ADMIN)
     missing = []
@@ -216,9 +182,10 @@ def check_caps() -> list[Check]:
 
 
 def check_btf() -> Check:
-    ok = os.access(BTF_PATH, os.R_OK)
+    ok = os.access(host.BTF_PATH, os.R_OK)
     return Check(name="kernel BTF", ok=ok, fatal=True,
-                 detail=f"{BTF_PATH} ({os.path.getsize(BTF_PATH) // 1024} KiB)" if ok else f"{BTF_PATH} missing",
+                 detail=f"{host.BTF_PATH} ({os.path.getsize(host.BTF_PATH) // 1024} KiB)" if ok
+                 else f"{host.BTF_PATH} missing",
                  fix="use a kernel built with CONFIG_DEBUG_INFO_BTF=y (Debian 11+, Ubuntu 20.10+, RHEL 8.2+)")
 
 
@@ -240,15 +207,8 @@ def check_bpf_syscall() -> list[Check]:
     return checks
 
 
-def _tracefs(mounts) -> str | None:
-    for candidate in compat.TRACEFS_ROOTS:
-        if any(p == candidate and t == "tracefs" for p, t in mounts):
-            return candidate
-    return None
-
-
-def check_tracepoints(mounts) -> list[Check]:
-    root = _tracefs(mounts)
+def check_tracepoints() -> list[Check]:
+    root = host.tracefs_root()
     if root is None:
         return [Check(name="tracefs", ok=False, fatal=True, detail="not mounted at /sys/kernel/tracing",
                       fix="mount -t tracefs tracefs /sys/kernel/tracing")]
@@ -345,12 +305,12 @@ def check_kernel_features() -> list[Check]:
 
 
 def check_bpffs(pin_path: str, mounts) -> Check:
-    have = any(p == "/sys/fs/bpf" and t == "bpf" for p, t in mounts)
+    have = any(m.point == "/sys/fs/bpf" and m.fstype == "bpf" for m in mounts)
     if not pin_path:
         return Check(name="bpffs", ok=have, fatal=False,
                      detail="mounted at /sys/fs/bpf" if have else "not mounted (pinning is off)",
                      fix="mount -t bpf bpf /sys/fs/bpf")
-    t = _fs_type_at(pin_path, mounts)
+    t = host.fs_type_at(pin_path, mounts)
     ok = t == "bpf"
     return Check(name="bpffs", ok=ok, fatal=True,
                  detail=f"pin_path {pin_path} is on bpffs" if ok
@@ -359,9 +319,7 @@ def check_bpffs(pin_path: str, mounts) -> Check:
 
 
 def check_cgroup(cfg) -> list[Check]:
-    from .config import resolve_cgroup_root
-
-    root = resolve_cgroup_root(cfg)
+    root = host.cgroup_root(cfg.cgroup_root)
     if not root or not os.path.isdir(root) or not os.path.exists(os.path.join(root, "cgroup.controllers")):
         return [Check(name="cgroup v2", ok=False, fatal=True,
                       detail=f"no cgroup v2 hierarchy (cgroup_root {cfg.cgroup_root!r} -> {root!r})",
@@ -387,9 +345,9 @@ def check_dir(name: str, key: str, path: str, consequence: str) -> Check:
 
 
 def check_journald() -> Check:
-    ok = os.path.exists(JOURNAL_SOCKET)
+    ok = os.path.exists(host.JOURNAL_SOCKET)
     return Check(name="journald", ok=ok, fatal=False,
-                 detail=JOURNAL_SOCKET if ok else f"{JOURNAL_SOCKET} missing (--output journal falls back to stderr)",
+                 detail=host.JOURNAL_SOCKET if ok else f"{host.JOURNAL_SOCKET} missing (--output journal falls back to stderr)",
                  fix="start systemd-journald, or use --output stdout")
 
 
@@ -447,9 +405,9 @@ def run_checks(cfg, *, only_fatal: bool = False) -> list[Check]:
     only_fatal skips the informational probes (fentry/LSM attach, dirs,
     journald) so the daemon's preflight stays quick.
     """
-    mounts = _mounts()
+    mounts = host.mounts()
     checks = [check_root(), *check_caps(), check_btf(), *check_bpf_syscall()]
-    tps = check_tracepoints(mounts)
+    tps = check_tracepoints()
     checks += tps
     have_tp = all(c.ok for c in tps if c.fatal)
     if only_fatal:

@@ -203,27 +203,6 @@ def split_listen_address(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def cgroup_v2_mount() -> str | None:
-    """Where the cgroup v2 hierarchy is mounted (unified or hybrid)."""
-    candidates = []
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8") as fh:
-            for line in fh:
-                left, _, right = line.partition(" - ")
-                if right.split(" ", 1)[0] == "cgroup2":
-                    candidates.append(left.split(" ")[4])
-    except OSError:
-        pass
-    for preferred in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
-        if preferred in candidates:
-            return preferred
-    return candidates[0] if candidates else None
-
-
-def resolve_cgroup_root(kc: KernelCollector) -> str | None:
-    return cgroup_v2_mount() if kc.cgroup_root == "auto" else kc.cgroup_root
-
-
 def node_name_of(kc: KernelCollector) -> str:
     """The configured node name, else $NODE_NAME (a DaemonSet's downward-API env), else the host name."""
     return kc.node_name or os.environ.get("NODE_NAME") or socket.gethostname()

@@ -15,8 +15,8 @@ import time
 
 import msgspec
 
-from tapio_node import __version__, events as ev
-from tapio_node.config import RESTART_KEYS, ConfigError, KernelCollector, load_config, plugins_for, resolve_cgroup_root
+from tapio_node import __version__, events as ev, host
+from tapio_node.config import RESTART_KEYS, ConfigError, KernelCollector, load_config, plugins_for
 from tapio_node.kernel import wire
 from tapio_node.sinks import JournalSinkAdapter, NullSink, StdoutSink
 
@@ -235,7 +235,7 @@ class Daemon:
             return
         from tapio_node.kernel.maps import KernelMaps
 
-        root = resolve_cgroup_root(self.kc)
+        root = host.cgroup_root(self.kc.cgroup_root)
         if root is None:
             log.warning("no cgroup v2 mount found: pod correlation off "
                         "(mount cgroup2 or set kernel_collector.cgroup_root)")
@@ -277,7 +277,7 @@ class Daemon:
                 self._register(fd, self._on_pods)
         # Mount table changes (a secret tmpfs mounted or unmounted) show as
         # EPOLLPRI on /proc/self/mountinfo.
-        self._mounts_fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        self._mounts_fd = os.open(host.MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
         self._epoll.register(self._mounts_fd, select.EPOLLPRI)
         self._fd_handlers[self._mounts_fd] = self._on_mounts
 

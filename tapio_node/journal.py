@@ -32,9 +32,9 @@ import os
 import sys
 import time
 
-__all__ = ["JournalSink", "MESSAGE_IDS", "JOURNAL_SOCKET", "record_fields"]
+from tapio_node.host import JOURNAL_SOCKET
 
-JOURNAL_SOCKET = "/run/systemd/journal/socket"
+__all__ = ["JournalSink", "MESSAGE_IDS", "record_fields"]
 
 MESSAGE_IDS = {
     "configmap_access": "c50a7d905b874921b39256c4b8e3ed30",

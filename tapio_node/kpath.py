@@ -1,4 +1,5 @@
-"""Kubelet volume paths and the names found in them.
+"""Kubelet volume paths and the file keys found in them (the names
+themselves are checked by tapio_node.k8snames).
 
 parse_volume_path has a Cython twin in _fast; TAPIO_PURE_PYTHON=1 selects
 this one everywhere (tests run both).
@@ -6,19 +7,6 @@ this one everywhere (tests run both).
 from __future__ import annotations
 
 import os
-import re
-
-# Pod UIDs are RFC 4122 UUIDs as the API server generates them.
-POD_UID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
-# Static pods get the 32-hex hash of their manifest as UID instead (kubelet
-# pkg/kubelet/config/common.go); it shows up in cgroup and log dir names too.
-STATIC_UID_RE = re.compile(r"[0-9a-f]{32}\Z")
-DNS1123_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
-DNS1123_SUBDOMAIN_RE = re.compile(
-    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
-# A volume name is a DNS-1123 label (<= 63).
-MAX_LABEL = 63
-MAX_SUBDOMAIN = 253
 
 
 def _py_parse_volume_path(path: str, pods_root: str):
@@ -41,18 +29,6 @@ else:
         from tapio_node._fast import parse_volume_path
     except ImportError:  # extension not built: the twin is exact, only slower
         parse_volume_path = _py_parse_volume_path
-
-
-def valid_pod_uid(uid: str) -> bool:
-    return bool(POD_UID_RE.match(uid) or STATIC_UID_RE.match(uid))
-
-
-def valid_label(name: str) -> bool:
-    return len(name) <= MAX_LABEL and bool(DNS1123_LABEL_RE.match(name))
-
-
-def valid_subdomain(name: str) -> bool:
-    return len(name) <= MAX_SUBDOMAIN and bool(DNS1123_SUBDOMAIN_RE.match(name))
 
 
 def key_from_dnames(dnames: tuple[str, ...]) -> str | None:

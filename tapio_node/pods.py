@@ -21,7 +21,7 @@ import time
 import msgspec
 from inotify_simple import INotify, flags as _F
 
-from tapio_node import kpath
+from tapio_node import k8snames
 from tapio_node.kernel import wire
 
 __all__ = [
@@ -37,7 +37,7 @@ _QOS_NAME = {v: k for k, v in QOS.items()}
 # NUL-terminated field (uid 36 < 40, namespace 63 < 64, pod name 253 < 256,
 # container id 64 < 72).
 
-# Pod uids: kpath.valid_pod_uid (UUIDs, and static pods' 32-hex hash).
+# Pod uids: k8snames.valid_pod_uid (UUIDs, and static pods' 32-hex hash).
 _CID_RE = re.compile(r"[0-9a-f]{64}\Z")
 # cgroup dir names (matched on the part after the parent slice's prefix).
 _SD_QOS_RE = re.compile(r"(burstable|besteffort)\.slice\Z")
@@ -63,15 +63,15 @@ _O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 def valid_pod_uid(uid: object) -> bool:
-    return isinstance(uid, str) and kpath.valid_pod_uid(uid)
+    return k8snames.valid_pod_uid(uid)
 
 
 def _valid_namespace(ns: object) -> bool:
-    return isinstance(ns, str) and kpath.valid_label(ns)
+    return k8snames.valid_namespace(ns)
 
 
 def _valid_pod_name(name: object) -> bool:
-    return isinstance(name, str) and kpath.valid_subdomain(name)
+    return k8snames.valid_pod_name(name)
 
 
 class PodInfo(msgspec.Struct, frozen=True):
@@ -162,7 +162,7 @@ def _pod_uid(raw: str, systemd: bool) -> str | None:
     uid = raw.replace("_", "-") if systemd else raw
     if systemd and "-" in raw:
         return None
-    return uid if kpath.valid_pod_uid(uid) else None
+    return uid if k8snames.valid_pod_uid(uid) else None
 
 
 def classify(parent: CgroupRef, name: str) -> CgroupRef | None:

@@ -22,7 +22,7 @@ import msgspec
 
 from inotify_simple import INotify, flags as IN
 
-from tapio_node import kpath
+from tapio_node import host, k8snames, kpath
 from tapio_node.kernel import wire
 
 log = logging.getLogger("tapio_node.volumes")
@@ -52,16 +52,16 @@ class MountInfo(msgspec.Struct, frozen=True):
     pod_uid: str | None = None
 
     def validate(self) -> None:
-        if not kpath.valid_subdomain(self.name):
+        if not k8snames.valid_subdomain(self.name):
             raise ValueError(f"MountInfo.name {self.name!r}: expected a DNS-1123 subdomain "
                              "(a ConfigMap/Secret name)")
-        if self.namespace is not None and not kpath.valid_label(self.namespace):
+        if self.namespace is not None and not k8snames.valid_label(self.namespace):
             raise ValueError(f"MountInfo.namespace {self.namespace!r}: expected a DNS-1123 label")
         if not os.path.isabs(self.mount_path):
             raise ValueError(f"MountInfo.mount_path {self.mount_path!r}: expected an absolute path")
         if not os.path.isdir(self.mount_path) or os.path.islink(self.mount_path):
             raise ValueError(f"MountInfo.mount_path {self.mount_path!r}: not a directory")
-        if self.pod_uid is not None and not kpath.valid_pod_uid(self.pod_uid):
+        if self.pod_uid is not None and not k8snames.valid_pod_uid(self.pod_uid):
             raise ValueError(f"MountInfo.pod_uid {self.pod_uid!r}: expected a pod UID")
 
 
@@ -258,7 +258,7 @@ class VolumeIndex:
         uids = self._list_dirs(self.pods_path)
         seen = set()
         for n, uid in enumerate(uids):
-            if not kpath.valid_pod_uid(uid):
+            if not k8snames.valid_pod_uid(uid):
                 self._skip(os.path.join(self.pods_path, uid), "not a pod UID")
                 continue
             seen.add(uid)
@@ -296,7 +296,7 @@ class VolumeIndex:
                 self._watch(plugin_dir, DIR_MASK, ("pod", uid))
                 for name in self._list_dirs(plugin_dir):
                     path = os.path.join(plugin_dir, name)
-                    if not kpath.valid_label(name):
+                    if not k8snames.valid_label(name):
                         self._skip(path, "volume name is not a DNS-1123 label")
                         continue
                     present.add(path)
@@ -532,7 +532,7 @@ class VolumeIndex:
             if tag[0] == "root":
                 if ev.mask & (IN.DELETE_SELF | IN.MOVE_SELF):
                     rescan_root = True
-                elif ev.name and kpath.valid_pod_uid(ev.name):
+                elif ev.name and k8snames.valid_pod_uid(ev.name):
                     dirty_pods.add(ev.name)
                 elif ev.name:
                     self._skip(os.path.join(self.pods_path, ev.name), "not a pod UID")
@@ -561,7 +561,7 @@ class VolumeIndex:
             except FileNotFoundError:
                 changes += self._remove_volume(vol)
                 continue
-            if (os.major(dev) << 20 | os.minor(dev)) != vol.dev:
+            if host.kernel_dev(dev) != vol.dev:
                 changes += self.scan_volume(vol)
         return changes
 

@@ -15,8 +15,7 @@ import struct
 
 import msgspec
 
-BTF_PATH = "/sys/kernel/btf/vmlinux"
-TRACEFS_ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+from tapio_node.host import BTF_PATH, tracefs_root
 
 BTF_KIND_ENUM, BTF_KIND_TYPEDEF, BTF_KIND_FUNC, BTF_KIND_ENUM64 = 6, 8, 12, 19
 
@@ -91,13 +90,6 @@ class Btf:
                 return any(struct.unpack_from("<I", self._data, members + i * size)[0] == wanted_value
                            for i in range(vlen))
         return False
-
-
-def tracefs_root() -> str | None:
-    for root in TRACEFS_ROOTS:
-        if os.path.isdir(os.path.join(root, "events")):
-            return root
-    return None
 
 
 def tracepoint_fields(tp: str) -> list[str] | None:

@@ -6,8 +6,8 @@ import logging
 import os
 from importlib import resources
 
+from tapio_node import host
 from tapio_node.kernel import compat, wire
-from tapio_node.kernel.compat import tracefs_root
 
 log = logging.getLogger("tapio_node.kernel")
 
@@ -54,7 +54,7 @@ def packaged_object(name: str) -> str:
 
 
 def tracepoint_exists(tp: str) -> bool:
-    root = tracefs_root()
+    root = host.tracefs_root()
     return bool(root) and os.path.isdir(os.path.join(root, "events", tp))
 
 

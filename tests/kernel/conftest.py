@@ -9,11 +9,10 @@ import socket
 
 import pytest
 
+from tapio_node import host
 from tapio_node.sim.mountinfo import cgroup2_mount
 from tapio_node.sim.node import SimulatedNode, sweep_stale
 from tapio_node.sim.system import SimulationError
-
-BTF_PATH = "/sys/kernel/btf/vmlinux"
 
 
 def missing_root() -> str | None:
@@ -29,13 +28,12 @@ def missing_cgroup2() -> str | None:
 
 
 def missing_btf() -> str | None:
-    return None if os.path.exists(BTF_PATH) else f"requires BTF at {BTF_PATH}"
+    return None if os.path.exists(host.BTF_PATH) else f"requires BTF at {host.BTF_PATH}"
 
 
 def missing_bpffs() -> str | None:
-    with open("/proc/self/mountinfo") as f:
-        if any(line.split(" - ")[1].startswith("bpf ") for line in f if " - " in line):
-            return None
+    if any(m.fstype == "bpf" for m in host.mounts()):
+        return None
     return "requires bpffs (mount -t bpf bpf /sys/fs/bpf, or `make mounts`)"
 
 

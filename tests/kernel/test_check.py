@@ -13,9 +13,9 @@ import uuid
 
 import pytest
 
-from tapio_node import check
+from tapio_node import check, host
 from tapio_node.kernel import compat
-from tapio_node.config import KernelCollector, cgroup_v2_mount
+from tapio_node.config import KernelCollector
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TRACEFS_EVENTS = "/sys/kernel/tracing/events/syscalls"
@@ -99,9 +99,9 @@ def test_this_machine_as_root(node_dirs):
     assert lines["static pod manifests"][0] == check.OK
     assert lines["pod specs from the API"][0] in (check.OK, check.WARN)
     # Real state of things the test can see for itself:
-    journald = os.path.exists(check.JOURNAL_SOCKET)
+    journald = os.path.exists(host.JOURNAL_SOCKET)
     assert lines["journald"][0] == (check.OK if journald else check.WARN)
-    assert lines["cgroup v2"][1] == f"at {cgroup_v2_mount()}"
+    assert lines["cgroup v2"][1] == f"at {host.cgroup2_root()}"
 
 
 def test_probe_machinery_is_sound():

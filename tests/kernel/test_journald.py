@@ -415,7 +415,7 @@ def test_daemon_journal_output_end_to_end(sim_node, tmp_path):
 def test_daemon_without_journald_falls_back_to_stderr(sim_node):
     """No journald socket on this host: the access log goes to stderr, with one notice."""
     from harness import TapioProcess
-    from tapio_node.journal import JOURNAL_SOCKET
+    from tapio_node.host import JOURNAL_SOCKET
     from tapio_node.sim.node import VolumeSpec
 
     if os.path.exists(JOURNAL_SOCKET):

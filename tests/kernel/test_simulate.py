@@ -12,6 +12,7 @@ import sys
 import pytest
 from inotify_simple import INotify, flags
 
+from tapio_node import host
 from tapio_node.sim.atomic_writer import atomic_write
 from tapio_node.sim.demo import build_demo_node, run_demo
 from tapio_node.sim.mountinfo import cgroup2_mount, mounts_under
@@ -22,12 +23,8 @@ TS_DIR = re.compile(r"^\.\.\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2}\.\d+$")
 
 
 def _mount_fstype(path):
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if left.split()[4] == path:
-                return right.split()[0]
-    return None
+    """The fstype of what is mounted right at `path` (the top mount), or None."""
+    return next((m.fstype for m in reversed(host.mounts()) if m.point == path), None)
 
 
 def _alive(pid):
