@@ -17,7 +17,7 @@ import msgspec
 
 from tapio_node import __version__, events as ev, wire
 from tapio_node.config import ConfigError, KernelCollector, load_config, resolve_cgroup_root
-from tapio_node.sinks import JournalSinkAdapter, NullSink, StdoutSink
+from tapio_node.outputs.stdout import JournalSinkAdapter, NullSink, StdoutSink
 
 log = logging.getLogger("tapio_node.daemon")
 
@@ -277,7 +277,7 @@ class Daemon:
         if self.output == "stdout":
             return StdoutSink(self.stream, self.clock)
         if self.output == "journal":
-            from tapio_node.journal import JournalSink
+            from tapio_node.outputs.journal import JournalSink
 
             return JournalSinkAdapter(JournalSink(window=self.kc.journal_fold_window), self.clock)
         return NullSink()

@@ -30,7 +30,7 @@ import uuid
 import msgspec
 import pytest
 
-from tapio_node.journal import MESSAGE_IDS
+from tapio_node.outputs.journal import MESSAGE_IDS
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "unit"))
 from test_journal_fold import OTHER_UID, OWNER_UID, make_event  # noqa: E402
@@ -89,7 +89,7 @@ kill -TERM "$J"; wait "$J" || true; J=
 SENDER_PY = """
 import json, sys, types
 sys.path.insert(0, {repo!r})
-from tapio_node.journal import JournalSink
+from tapio_node.outputs.journal import JournalSink
 try:
     from tapio_node.events import AccessEvent
     import msgspec
@@ -415,7 +415,7 @@ def test_daemon_journal_output_end_to_end(sim_node, tmp_path):
 def test_daemon_without_journald_falls_back_to_stderr(sim_node):
     """No journald socket on this host: the access log goes to stderr, with one notice."""
     from harness import TapioProcess
-    from tapio_node.journal import JOURNAL_SOCKET
+    from tapio_node.outputs.journal import JOURNAL_SOCKET
     from tapio_node.simulate import VolumeSpec
 
     if os.path.exists(JOURNAL_SOCKET):

@@ -4,7 +4,7 @@ import os
 import time
 
 from tapio_node import events as ev
-from tapio_node.sinks import StdoutSink
+from tapio_node.outputs.stdout import StdoutSink
 
 
 def _event(ts="x"):

@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from tapio_node.journal import MESSAGE_IDS, JournalSink, record_fields
+from tapio_node.outputs.journal import MESSAGE_IDS, JournalSink, record_fields
 
 try:
     from tapio_node.events import AccessEvent, ProcessInfo

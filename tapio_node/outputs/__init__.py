@@ -1,0 +1,1 @@
+"""Where events go: stdout JSON lines, the journal, or nowhere."""
