@@ -47,9 +47,6 @@ RESTART_KEYS = ("ring_buffer_size", "pin_path", "listen_address", "syscall_sampl
                 "pod_logs_path", "kubeconfig", "node_name", "static_pods_path", "buffer_size")
 
 
-PROJECTED_SOURCE_EVENT = {"configmap": ev.CONFIGMAP_ACCESS, "secret": ev.SECRET_ACCESS}
-
-
 def _comm_of(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as fh:
@@ -485,7 +482,7 @@ class Daemon:
             return
         vol, key = resolved
         pods, metrics = self.pods, self.metrics
-        event_type = ev.KIND_EVENT_TYPE[vol.kind]
+        event_type = ev.BY_VOLUME_KIND[vol.kind].event_type
         namespace, pod_name = vol.namespace, None
         proc = self._process_info(pid, tid, cgid, comm)
         cross_pod = None
@@ -510,9 +507,10 @@ class Daemon:
             metrics.access(event_type, event.namespace, vol.name, count, volume_id=vol.id)
             # A projected key from a ConfigMap/Secret also counts for that
             # object, so "which secrets are never read" sees every mount.
-            also = PROJECTED_SOURCE_EVENT.get(event.source_kind or "")
-            if also and event.config_name_source == "pod_spec":
-                metrics.access(also, event.namespace, event.config_name, count, volume_id=vol.id)
+            also = ev.BY_VOLUME_KIND.get(event.source_kind or "")
+            if also and also is not ev.PROJECTED and event.config_name_source == "pod_spec":
+                metrics.access(also.event_type, event.namespace, event.config_name, count,
+                               volume_id=vol.id)
         else:
             metrics.access(event_type, event.namespace, event.config_name, count, volume_id=vol.id)
         if cross_pod:

@@ -7,11 +7,8 @@ so a process reading a file in a loop writes one record per window, not one
 per open. The first access of a new (accessor, volume) pair is written at
 once. The fold table is capped; on overflow the oldest entry is flushed early.
 
-MESSAGE_ID per event type (stable; use with `journalctl MESSAGE_ID=...`):
-
-    configmap_access  c50a7d905b874921b39256c4b8e3ed30
-    secret_access     c74a8c7ec43e460e88a390d265110be6
-    projected_access  601c75ef1e83445397c510929610c98a
+MESSAGE_ID per event type: MESSAGE_IDS, from tapio_node.events.KINDS
+(stable; use with `journalctl MESSAGE_ID=...`).
 
 Fields: TAPIO_EVENT_TYPE, TAPIO_NAMESPACE, TAPIO_POD_NAME, TAPIO_POD_UID,
 TAPIO_CONFIG_NAME(_SOURCE), TAPIO_VOLUME, TAPIO_FILE, TAPIO_PATH (owner side);
@@ -32,23 +29,13 @@ import os
 import sys
 import time
 
+from tapio_node import events as ev
+
 __all__ = ["JournalSink", "MESSAGE_IDS", "JOURNAL_SOCKET", "record_fields"]
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
-MESSAGE_IDS = {
-    "configmap_access": "c50a7d905b874921b39256c4b8e3ed30",
-    "secret_access": "c74a8c7ec43e460e88a390d265110be6",
-    "projected_access": "601c75ef1e83445397c510929610c98a",
-}
-# Any other event type (added later) still gets a fixed id.
-OTHER_MESSAGE_ID = "fbb9f3d71d654d1390ebb72b5d3c4201"
-
-_KIND = {
-    "configmap_access": "configmap",
-    "secret_access": "secret",
-    "projected_access": "projected volume",
-}
+MESSAGE_IDS = {k.event_type: k.message_id for k in ev.KINDS if k.message_id}
 
 PRIORITY_WARNING = 4
 PRIORITY_INFO = 6
@@ -87,9 +74,10 @@ def record_fields(event, count: int, first: str | None, last: str | None, identi
                   live: bool = False) -> dict[str, str]:
     """The journal fields of one (possibly folded) record; None values left out."""
     proc = event.process
-    kind = _KIND.get(event.event_type, event.event_type)
+    ekind = ev.BY_EVENT_TYPE.get(event.event_type)
+    kind = ekind.wording if ekind else event.event_type
     cross = getattr(event, "cross_pod", None)
-    priority = PRIORITY_WARNING if (event.event_type == "secret_access" and cross) else PRIORITY_INFO
+    priority = PRIORITY_WARNING if (ekind is ev.SECRET and cross) else PRIORITY_INFO
     accessor = _accessor_pod(proc)
     if proc is not None and proc.role:
         accessor += f", {proc.role}"
@@ -106,7 +94,7 @@ def record_fields(event, count: int, first: str | None, last: str | None, identi
         message += f", {count} times from {first} to {last}"
     fields = {
         "MESSAGE": message,
-        "MESSAGE_ID": MESSAGE_IDS.get(event.event_type, OTHER_MESSAGE_ID),
+        "MESSAGE_ID": ekind.message_id if ekind and ekind.message_id else ev.OTHER_MESSAGE_ID,
         "PRIORITY": priority,
         "SYSLOG_IDENTIFIER": identifier,
         "TAPIO_EVENT_TYPE": event.event_type,
