@@ -17,7 +17,7 @@ import msgspec
 
 from tapio_node import __version__, events as ev, wire
 from tapio_node.config import ConfigError, KernelCollector, load_config, resolve_cgroup_root
-from tapio_node.outputs.stdout import JournalSinkAdapter, NullSink, StdoutSink
+from tapio_node.outputs import NullSink, open_sink
 
 log = logging.getLogger("tapio_node.daemon")
 
@@ -135,7 +135,7 @@ class Daemon:
                 "syscall_drop": kstats.get("syscall_drops", 0),
                 "bad_record": self.reader.bad_records if self.reader is not None else 0,
                 "failed_group": self.failed_groups, "unresolved": self.unresolved,
-                "output_dropped": getattr(self.sink, "dropped_lines", 0)}
+                "output_dropped": self.sink.dropped_lines}
         return DaemonState(
             events_lost=lost, losing=self._losing(lost, now),
             ebpf_loaded=bool(self.kernel is not None and self.kernel.obj is not None
@@ -220,7 +220,8 @@ class Daemon:
         if kc.enable_pod_correlation:
             self._start_pods()
         self._start_podspecs()
-        self.sink = self._make_sink()
+        self.sink = open_sink(self.output, self.clock, stream=self.stream,
+                              journal_fold_window=kc.journal_fold_window)
         from tapio_node.httpd import serve
 
         self.http = serve(kc.listen_address, self.metrics, self.state)
@@ -269,15 +270,6 @@ class Daemon:
             return
         if self.podspecs is not None:
             self.podspecs.start()
-
-    def _make_sink(self):
-        if self.output == "stdout":
-            return StdoutSink(self.stream, self.clock)
-        if self.output == "journal":
-            from tapio_node.outputs.journal import JournalSink
-
-            return JournalSinkAdapter(JournalSink(window=self.kc.journal_fold_window), self.clock)
-        return NullSink()
 
     def _setup_loop(self) -> None:
         self._epoll = select.epoll()
@@ -515,7 +507,7 @@ class Daemon:
             metrics.access(event_type, event.namespace, event.config_name, count, volume_id=vol.id)
         if cross_pod:
             metrics.cross_pod(event.namespace, vol.kind, count)
-        self.sink.emit(event, count, stamps, first, last)
+        self.sink.emit(event, count, first, last, stamps)
         metrics.processing(event_type, time.perf_counter() - t0)
         metrics.latency((now_ns - last) / 1e9)
 
@@ -579,7 +571,7 @@ class Daemon:
         event = ev.PodSyscallEvent(event_type=ev.POD_SYSCALL, timestamp=self.clock.rfc3339(first),
                                    pod_uid=proc.pod_uid, namespace=proc.namespace,
                                    pod_name=proc.pod_name, syscall_nr=nr, count=count, process=proc)
-        self.sink.emit(event, 1, None)
+        self.sink.emit(event, 1, first, first)
         return count
 
     # -- API for other collectors (the seed's AddContainerPID, AddPodInfo,
@@ -629,7 +621,7 @@ class Daemon:
             self.volumes.plugins = plugins_for(new)
             self.volumes.scan_all()
         if new.journal_fold_window != old.journal_fold_window and self.output == "journal":
-            self.sink.journal.window = new.journal_fold_window
+            self.sink.window = new.journal_fold_window
         log.info("configuration reloaded from %s", self.config_path or "defaults")
         self.notifier.ready(self.status_text)
 
@@ -690,7 +682,7 @@ def run(config_path: str | None, output: str) -> int:
         return 1
     finally:
         daemon.close()
-    dropped = getattr(daemon.sink, "dropped_lines", 0)
+    dropped = daemon.sink.dropped_lines
     if dropped:
         print(f"tapio-node: {dropped} events were dropped because stdout was not being read; "
               "exiting 1", file=sys.stderr)

@@ -133,11 +133,15 @@ def record_fields(event, count: int, first: str | None, last: str | None, identi
 
 
 class JournalSink:
-    """Folding journald writer. Call emit() per access, tick() from the loop, close() at exit.
+    """Folding journald writer, a Sink: emit() per folded group, tick()
+    from the loop, close() at exit.
 
     `clock` (monotonic seconds) is injectable so folding can be tested
     without sleeping; tick() takes the time explicitly for the same reason.
+    `kernel_clock` turns the kernel times emit() gets into RFC 3339.
     """
+
+    dropped_lines = 0
 
     def __init__(
         self,
@@ -149,6 +153,7 @@ class JournalSink:
         socket_path: str = JOURNAL_SOCKET,
         stream=None,
         clock=time.monotonic,
+        kernel_clock: ev.Clock | None = None,
     ):
         if window < 0:
             raise ValueError(f"journal fold window must be >= 0 seconds, got {window!r}")
@@ -160,6 +165,7 @@ class JournalSink:
         self.max_pairs = max_pairs
         self._stream = stream
         self._clock = clock
+        self._rfc3339 = (kernel_clock or ev.Clock()).rfc3339
         self._table: dict[tuple, _Fold] = {}   # insertion order == start order
         self._pairs: dict[tuple, None] = {}    # LRU of (accessor, owner pod, volume)
         self.records_written = 0
@@ -181,10 +187,14 @@ class JournalSink:
     def using_journald(self) -> bool:
         return self._sendv is not None
 
-    def emit(self, event, count: int = 1, first_ts: str | None = None, last_ts: str | None = None) -> None:
-        """Record `count` identical accesses (the last at `last_ts`)."""
-        first = first_ts or event.timestamp
-        last = last_ts or event.timestamp
+    def emit(self, event, count: int = 1, first_ns: int | None = None,
+             last_ns: int | None = None, stamps: list[int] | None = None) -> None:
+        """Record `count` identical accesses, the first and last at these
+        kernel times (None: at the event's timestamp); one record holds
+        them all, so `stamps` is not needed."""
+        rfc = self._rfc3339
+        first = rfc(first_ns) if first_ns else event.timestamp
+        last = rfc(last_ns) if last_ns else first
         if self.window == 0:
             self._write(event, count, first, last, live=True)
             return
@@ -225,6 +235,9 @@ class JournalSink:
             del table[key]
             written += self._flush(entry)
         return written
+
+    def flush(self) -> None:
+        """Nothing to do at the end of a batch: records go out as they are made."""
 
     def close(self) -> None:
         """Flush everything pending (at SIGTERM or reload)."""
