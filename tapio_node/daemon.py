@@ -445,15 +445,14 @@ class Daemon:
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         total = 0
         for g in groups:
-            if g[0] != wire.REC_ACCESS:
+            if g.kind != wire.REC_ACCESS:
                 total += self._syscall_group(g)
                 continue
-            (_, pid, tid, cgid, comm, _dev, _gen, _ino, vol_id, file_id, flags, op,
-             path, dnames, count, first, last, stamps) = g
+            count = g.count
             total += count
             try:
-                self._account(pid, tid, cgid, comm, vol_id, file_id, dnames, flags, op, path,
-                              count, first, last, stamps, now_ns)
+                self._account(g.pid, g.tid, g.cgroup_id, g.comm, g.volume_id, g.file_id, g.dnames,
+                              g.flags, g.op, g.path, count, g.first_ts, g.last_ts, g.stamps, now_ns)
             except Exception:
                 # One bad record must not stop the collector; say so, rarely.
                 self.failed_groups += 1
@@ -564,15 +563,16 @@ class Daemon:
         return proc
 
     def _syscall_group(self, g) -> int:
-        (_, pid, tid, cgid, comm, nr, count, first, _last, _stamps) = g
         if self.output != "stdout":
-            return count
-        proc = self._process_info(pid, tid, cgid, comm)
+            return g.count
+        proc = self._process_info(g.pid, g.tid, g.cgroup_id, g.comm)
+        first = g.first_ts
         event = ev.PodSyscallEvent(event_type=ev.POD_SYSCALL, timestamp=self.clock.rfc3339(first),
                                    pod_uid=proc.pod_uid, namespace=proc.namespace,
-                                   pod_name=proc.pod_name, syscall_nr=nr, count=count, process=proc)
+                                   pod_name=proc.pod_name, syscall_nr=g.nr, count=g.count,
+                                   process=proc)
         self.sink.emit(event, 1, first, first)
-        return count
+        return g.count
 
     # -- API for other collectors (the seed's AddContainerPID, AddPodInfo,
     # AddMountInfo). Call from the loop's thread, or with the loop stopped.
