@@ -15,9 +15,11 @@ import time
 
 import msgspec
 
-from tapio_node import __version__, events as ev, wire
+from tapio_node import __version__, events as ev
+from tapio_node.attribution import Attributor, count_access, overflow_record
 from tapio_node.config import ConfigError, KernelCollector, load_config, resolve_cgroup_root
 from tapio_node.outputs import NullSink, open_sink
+from tapio_node.records import REC_ACCESS
 
 log = logging.getLogger("tapio_node.daemon")
 
@@ -45,14 +47,6 @@ OVERFLOW_SECONDS = 0.25
 RESTART_KEYS = ("ring_buffer_size", "pin_path", "listen_address", "syscall_sampling_rate",
                 "enable_ebpf", "enable_pod_correlation", "kubelet_pods_path", "cgroup_root",
                 "pod_logs_path", "kubeconfig", "node_name", "static_pods_path", "buffer_size")
-
-
-def _comm_of(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as fh:
-            return fh.read().strip()
-    except OSError:
-        return ""
 
 
 def plugins_for(kc: KernelCollector) -> dict[str, str]:
@@ -87,6 +81,7 @@ class Daemon:
         self.volumes = None
         self.pods = None
         self.podspecs = None
+        self.attribution: Attributor | None = None
         self.http = None
         self.sink = NullSink()
         self.metrics = None
@@ -212,6 +207,7 @@ class Daemon:
                                          keep_timestamps=self.output == "stdout")
         self.volumes = VolumeIndex(kc.kubelet_pods_path, plugins_for(kc), self.kernel.maps,
                                    max_files=kc.max_watched_files)
+        self.attribution = Attributor(self.volumes, self.clock)
         t1 = time.monotonic()
         self.volumes.scan_all(progress=self._progress)
         log.info("indexed %d files in %d volumes of %d pods in %.0f ms",
@@ -220,6 +216,7 @@ class Daemon:
         if kc.enable_pod_correlation:
             self._start_pods()
         self._start_podspecs()
+        self.attribution.pods, self.attribution.podspecs = self.pods, self.podspecs
         self.sink = open_sink(self.output, self.clock, stream=self.stream,
                               journal_fold_window=kc.journal_fold_window)
         from tapio_node.httpd import serve
@@ -444,15 +441,13 @@ class Daemon:
     def _process(self, groups) -> None:
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         total = 0
-        for g in groups:
-            if g.kind != wire.REC_ACCESS:
-                total += self._syscall_group(g)
+        for rec in groups:
+            if rec.kind != REC_ACCESS:
+                total += self._syscall_group(rec)
                 continue
-            count = g.count
-            total += count
+            total += rec.count
             try:
-                self._account(g.pid, g.tid, g.cgroup_id, g.comm, g.volume_id, g.file_id, g.dnames,
-                              g.flags, g.op, g.path, count, g.first_ts, g.last_ts, g.stamps, now_ns)
+                self._account(rec, now_ns)
             except Exception:
                 # One bad record must not stop the collector; say so, rarely.
                 self.failed_groups += 1
@@ -463,51 +458,20 @@ class Daemon:
         if total:
             self.last_event_mono = time.monotonic()
 
-    def _account(self, pid, tid, cgid, comm, vol_id, file_id, dnames, flags, op, path,
-                 count, first, last, stamps, now_ns, overflow=False) -> None:
+    def _account(self, rec, now_ns: int, overflow: bool = False) -> None:
         """One folded group of identical accesses: metrics, then the sink."""
         t0 = time.perf_counter()
-        resolved = self.volumes.resolve(vol_id, file_id, dnames)
-        if resolved is None:
+        count = rec.count
+        got = self.attribution.access(rec, overflow)
+        if got is None:
             self.unresolved += count
             return
-        vol, key = resolved
-        pods, metrics = self.pods, self.metrics
-        event_type = ev.BY_VOLUME_KIND[vol.kind].event_type
-        namespace, pod_name = vol.namespace, None
-        proc = self._process_info(pid, tid, cgid, comm)
-        cross_pod = None
-        if pods is not None:
-            ns2, name2 = pods.pod_names(vol.pod_uid)
-            namespace, pod_name = ns2 or namespace, name2
-            cross_pod = proc.role != "kubelet" and proc.pod_uid != vol.pod_uid
-        make = ev.OverflowAccessEvent if overflow else ev.AccessEvent
-        extra = {"count": count} if overflow else {}
-        event = make(
-            event_type=event_type, timestamp=self.clock.rfc3339(first), pod_uid=vol.pod_uid,
-            namespace=namespace, pod_name=pod_name, config_name=vol.config_name or vol.name,
-            config_name_source="collector" if vol.config_name else "volume_name",
-            volume_name=vol.name, mount_path=vol.path, file=key, path=path, process=proc,
-            cross_pod=cross_pod, syscall=wire.OP_NAMES.get(op, str(op)),
-            stale_inode=bool(flags & wire.F_UNLINKED),
-            path_truncated=bool(flags & wire.F_PATH_TRUNC),
-            file_truncated=bool(flags & wire.F_DNAME_TRUNC), overflow=overflow, **extra)
-        if self.podspecs is not None:
-            event = self._with_spec(event, vol, key)
-        if event_type == ev.PROJECTED_ACCESS:
-            metrics.access(event_type, event.namespace, vol.name, count, volume_id=vol.id)
-            # A projected key from a ConfigMap/Secret also counts for that
-            # object, so "which secrets are never read" sees every mount.
-            also = ev.BY_VOLUME_KIND.get(event.source_kind or "")
-            if also and also is not ev.PROJECTED and event.config_name_source == "pod_spec":
-                metrics.access(also.event_type, event.namespace, event.config_name, count,
-                               volume_id=vol.id)
-        else:
-            metrics.access(event_type, event.namespace, event.config_name, count, volume_id=vol.id)
-        if cross_pod:
-            metrics.cross_pod(event.namespace, vol.kind, count)
-        self.sink.emit(event, count, first, last, stamps)
-        metrics.processing(event_type, time.perf_counter() - t0)
+        event, vol = got
+        metrics = self.metrics
+        count_access(metrics, event, vol, count)
+        last = rec.last_ts
+        self.sink.emit(event, count, rec.first_ts, last, rec.stamps)
+        metrics.processing(event.event_type, time.perf_counter() - t0)
         metrics.latency((now_ns - last) / 1e9)
 
     def _drain_overflow(self, everything: bool = False) -> None:
@@ -520,59 +484,20 @@ class Daemon:
         total = 0
         for cgid, pid, vol_id, file_id, op, count in entries:
             total += count
-            comm = _comm_of(pid)
             # One line per group with its count: a per-access line each
             # would let one flooded key become hundreds of MB.
-            self._account(pid, pid, cgid, comm, vol_id, file_id, None, 0, op, "", count,
-                          now_ns, now_ns, None, now_ns, overflow=True)
+            self._account(overflow_record(cgid, pid, vol_id, file_id, op, count, now_ns),
+                          now_ns, overflow=True)
         log.warning("ring buffer was full: %d accesses reported from the kernel's overflow "
                     "counts (no path or per-access time); consider a larger ring_buffer_size", total)
         self.events_processed += total
         self.sink.flush()
 
-    def _with_spec(self, event, vol, key):
-        meta = self.podspecs.get(vol.pod_uid)
-        if meta is None and event.namespace and event.pod_name:
-            # Static pods: the kubelet's UID is a config hash, not the
-            # manifest's; match them by namespace/name.
-            meta = self.podspecs.get_by_name(event.namespace, event.pod_name)
-        if meta is None:
-            return event
-        changes = {"namespace": event.namespace or meta.namespace,
-                   "pod_name": event.pod_name or meta.name,
-                   "service_account": meta.service_account,
-                   "app": meta.app_name}
-        if meta.workload_kind and meta.workload_name:
-            changes["workload"] = ev.Workload(meta.workload_kind, meta.workload_name)
-        src = meta.resolve(vol.name, key)
-        if src is not None:
-            if src.name:
-                changes["config_name"] = src.name
-                changes["config_name_source"] = "pod_spec"
-            changes["source_kind"] = src.kind
-            changes["source_key"] = src.key
-        return msgspec.structs.replace(event, **changes)
-
-    def _process_info(self, pid: int, tid: int, cgid: int, comm: str) -> ev.ProcessInfo:
-        """The opener: pid and command, and its pod and container when known."""
-        proc = ev.ProcessInfo(pid=pid, command=comm, cgroup_id=cgid, tid=tid)
-        if self.pods is not None:
-            acc = self.pods.accessor(cgid, pid, comm)
-            proc.container_id, proc.pod_uid = acc.container_id, acc.pod_uid
-            proc.namespace, proc.pod_name, proc.role = acc.namespace, acc.pod_name, acc.role
-        return proc
-
-    def _syscall_group(self, g) -> int:
-        if self.output != "stdout":
-            return g.count
-        proc = self._process_info(g.pid, g.tid, g.cgroup_id, g.comm)
-        first = g.first_ts
-        event = ev.PodSyscallEvent(event_type=ev.POD_SYSCALL, timestamp=self.clock.rfc3339(first),
-                                   pod_uid=proc.pod_uid, namespace=proc.namespace,
-                                   pod_name=proc.pod_name, syscall_nr=g.nr, count=g.count,
-                                   process=proc)
-        self.sink.emit(event, 1, first, first)
-        return g.count
+    def _syscall_group(self, rec) -> int:
+        if self.output == "stdout":
+            first = rec.first_ts
+            self.sink.emit(self.attribution.syscall(rec), 1, first, first)
+        return rec.count
 
     # -- API for other collectors (the seed's AddContainerPID, AddPodInfo,
     # AddMountInfo). Call from the loop's thread, or with the loop stopped.
