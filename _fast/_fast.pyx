@@ -1,8 +1,9 @@
 # cython: language_level=3
 """libbpf loader, batched ring-buffer reader and kubelet path parser.
 
-Pure-Python twins: tapio_node.wire (record decoder) and tapio_node.kpath
-(path parser); TAPIO_PURE_PYTHON=1 makes the daemon use them.
+Pure-Python twins: tapio_node.wire (record decoder), tapio_node.records
+(the records it hands out) and tapio_node.kpath (path parser);
+TAPIO_PURE_PYTHON=1 makes the daemon use the path parser's.
 """
 cimport cython
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int32_t
