@@ -2,10 +2,11 @@
 """libbpf loader, batched ring-buffer reader, kubelet path and mountinfo
 parsers.
 
-Pure-Python twins: tapio_node.kernel.wire (record decoder), tapio_node.kpath
-(path parser) and tapio_node.host (mountinfo); TAPIO_PURE_PYTHON=1 makes
-the daemon use them.
+Pure-Python twins: tapio_node.kernel.wire (record decoder), tapio_node.kernel.records
+(the records it hands out), tapio_node.kpath (path parser) and tapio_node.host
+(mountinfo); TAPIO_PURE_PYTHON=1 makes the daemon use the parsers' twins.
 """
+cimport cython
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int32_t
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memcmp, memset, strerror
@@ -559,6 +560,72 @@ cdef inline str _cstr(const char *p, size_t n):
     return p[:strnlen(p, n)].decode("utf-8", "backslashreplace")
 
 
+# The records take() hands out: named, read-only, built without going
+# through Python calls. Their pure-Python twins are in tapio_node.kernel.records.
+ACCESS_FIELDS = ("pid", "tid", "cgroup_id", "comm", "dev", "gen", "ino", "volume_id", "file_id",
+                 "flags", "op", "path", "dnames", "count", "first_ts", "last_ts", "stamps")
+SYSCALL_FIELDS = ("pid", "tid", "cgroup_id", "comm", "nr", "count", "first_ts", "last_ts", "stamps")
+
+
+cdef class _Record:
+    """What every folded group has: who, how many, when."""
+    cdef readonly uint32_t pid
+    cdef readonly uint32_t tid
+    cdef readonly uint64_t cgroup_id
+    cdef readonly str comm
+    cdef readonly uint32_t count
+    cdef readonly uint64_t first_ts
+    cdef readonly uint64_t last_ts
+    cdef list _stamps
+    cdef bint _keep
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("records are made by RingReader.take() (tapio_node.kernel.records has "
+                        "the constructible twins)")
+
+    @property
+    def stamps(self):
+        """Each access's kernel time, in arrival order; None unless the
+        reader keeps them. Built on demand for a group of one."""
+        if self._stamps is not None:
+            return self._stamps
+        return [self.first_ts] if self._keep else None
+
+    def __eq__(self, other):
+        fields = self._fields
+        if getattr(other, "kind", None) != self.kind or getattr(other, "_fields", None) != fields:
+            return NotImplemented
+        return all(getattr(self, f) == getattr(other, f) for f in fields)
+
+    def __repr__(self):
+        return "%s(%s)" % (type(self).__name__,
+                           ", ".join("%s=%r" % (f, getattr(self, f)) for f in self._fields))
+
+
+@cython.final
+cdef class AccessRecord(_Record):
+    """Identical opens of one watched file (kind REC_ACCESS)."""
+    kind = TAPIO_REC_ACCESS
+    _fields = ACCESS_FIELDS
+    cdef readonly uint32_t dev
+    cdef readonly uint32_t gen
+    cdef readonly uint64_t ino
+    cdef readonly uint32_t volume_id
+    cdef readonly uint32_t file_id
+    cdef readonly uint32_t flags
+    cdef readonly uint32_t op
+    cdef readonly str path
+    cdef readonly tuple dnames
+
+
+@cython.final
+cdef class SyscallRecord(_Record):
+    """Identical sampled syscalls of one pod process (kind REC_SYSCALL)."""
+    kind = TAPIO_REC_SYSCALL
+    _fields = SYSCALL_FIELDS
+    cdef readonly uint32_t nr
+
+
 cdef class RingReader:
     """Drains the `events` ring buffer into a preallocated batch.
 
@@ -663,7 +730,7 @@ cdef class RingReader:
         return added
 
     def take(self):
-        """The folded batch as tuples (see tapio_node.kernel.wire), then reset."""
+        """The folded batch as AccessRecord/SyscallRecord, then reset."""
         cdef Batch *b = &self.b
         cdef uint32_t g, i
         cdef const tapio_access *a
@@ -672,32 +739,52 @@ cdef class RingReader:
         cdef const char *rec
         cdef list out = []
         cdef list stamps = None
-        if self.keep_timestamps and b.nrec:
-            stamps = [[] for g in range(b.ngroups)]
+        cdef list lst
+        cdef _Record r
+        cdef AccessRecord ar
+        cdef SyscallRecord sr
+        cdef bint keep = self.keep_timestamps
+        if keep and b.nrec:
+            # Lists only for groups of more than one: the rest build theirs
+            # if asked (the unfoldable flood is all groups of one).
+            stamps = [None] * b.ngroups
             for i in range(b.nrec):
-                (<list>stamps[b.rec_group[i]]).append(b.rec_ts[i])
+                g = b.rec_group[i]
+                if b.groups[g].count > 1:
+                    lst = <list>stamps[g]
+                    if lst is None:
+                        lst = []
+                        stamps[g] = lst
+                    lst.append(b.rec_ts[i])
         for g in range(b.ngroups):
             rec = b.recs + <size_t>g * EXT_SIZE
-            ts_list = stamps[g] if stamps is not None else None
             if (<const uint32_t *>rec)[0] == TAPIO_REC_ACCESS:
                 a = <const tapio_access *>rec
-                dnames = None
+                ar = AccessRecord.__new__(AccessRecord)
+                ar.pid, ar.tid, ar.cgroup_id = a.pid, a.tid, a.cgroup_id
+                ar.comm = _cstr(a.comm, TAPIO_COMM_LEN)
+                ar.dev, ar.gen, ar.ino = a.key.dev, a.key.gen, a.key.ino
+                ar.volume_id, ar.file_id = a.watch.volume_id, a.watch.file_id
+                ar.flags, ar.op = a.flags, a.op
+                ar.path = _cstr(a.path, TAPIO_PATH_LEN)
                 if b.groups[g].size == sizeof(tapio_access_ext):
                     x = <const tapio_access_ext *>rec
-                    dnames = tuple([_cstr(x.dnames[i], TAPIO_DNAME_LEN) for i in range(TAPIO_DNAMES)])
-                out.append((TAPIO_REC_ACCESS, a.pid, a.tid, a.cgroup_id,
-                            _cstr(a.comm, TAPIO_COMM_LEN),
-                            a.key.dev, a.key.gen, a.key.ino,
-                            a.watch.volume_id, a.watch.file_id, a.flags, a.op,
-                            _cstr(a.path, TAPIO_PATH_LEN), dnames,
-                            b.groups[g].count, b.groups[g].first_ts,
-                            b.groups[g].last_ts, ts_list))
+                    ar.dnames = tuple([_cstr(x.dnames[i], TAPIO_DNAME_LEN) for i in range(TAPIO_DNAMES)])
+                r = ar
             else:
                 s = <const tapio_syscall *>rec
-                out.append((TAPIO_REC_SYSCALL, s.pid, s.tid, s.cgroup_id,
-                            _cstr(s.comm, TAPIO_COMM_LEN), s.nr,
-                            b.groups[g].count, b.groups[g].first_ts,
-                            b.groups[g].last_ts, ts_list))
+                sr = SyscallRecord.__new__(SyscallRecord)
+                sr.pid, sr.tid, sr.cgroup_id = s.pid, s.tid, s.cgroup_id
+                sr.comm = _cstr(s.comm, TAPIO_COMM_LEN)
+                sr.nr = s.nr
+                r = sr
+            r.count = b.groups[g].count
+            r.first_ts = b.groups[g].first_ts
+            r.last_ts = b.groups[g].last_ts
+            r._keep = keep
+            if stamps is not None:
+                r._stamps = <list>stamps[g]
+            out.append(r)
         for g in range(b.ngroups):
             b.table[b.slot_of[g]] = -1
         b.nrec = 0

@@ -16,9 +16,10 @@ import time
 import msgspec
 
 from tapio_node import __version__, events as ev, host
+from tapio_node.attribution import Attributor, count_access, overflow_record
 from tapio_node.config import RESTART_KEYS, ConfigError, KernelCollector, load_config, plugins_for
-from tapio_node.kernel import wire
-from tapio_node.sinks import JournalSinkAdapter, NullSink, StdoutSink
+from tapio_node.kernel.records import REC_ACCESS
+from tapio_node.outputs import NullSink, open_sink
 
 log = logging.getLogger("tapio_node.daemon")
 
@@ -45,15 +46,6 @@ DRAIN_BUDGET_SECONDS = 0.05
 OVERFLOW_SECONDS = 0.25
 
 
-PROJECTED_SOURCE_EVENT = {"configmap": ev.CONFIGMAP_ACCESS, "secret": ev.SECRET_ACCESS}
-
-
-def _comm_of(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as fh:
-            return fh.read().strip()
-    except OSError:
-        return ""
 
 
 def _human_rate(r: float) -> str:
@@ -77,6 +69,7 @@ class Daemon:
         self.volumes = None
         self.pods = None
         self.podspecs = None
+        self.attribution: Attributor | None = None
         self.http = None
         self.sink = NullSink()
         self.metrics = None
@@ -125,7 +118,7 @@ class Daemon:
                 "syscall_drop": kstats.get("syscall_drops", 0),
                 "bad_record": self.reader.bad_records if self.reader is not None else 0,
                 "failed_group": self.failed_groups, "unresolved": self.unresolved,
-                "output_dropped": getattr(self.sink, "dropped_lines", 0)}
+                "output_dropped": self.sink.dropped_lines}
         return DaemonState(
             events_lost=lost, losing=self._losing(lost, now),
             ebpf_loaded=bool(self.kernel is not None and self.kernel.obj is not None
@@ -202,6 +195,7 @@ class Daemon:
                                          keep_timestamps=self.output == "stdout")
         self.volumes = VolumeIndex(kc.kubelet_pods_path, plugins_for(kc), self.kernel.maps,
                                    max_files=kc.max_watched_files)
+        self.attribution = Attributor(self.volumes, self.clock)
         t1 = time.monotonic()
         self.volumes.scan_all(progress=self._progress)
         log.info("indexed %d files in %d volumes of %d pods in %.0f ms",
@@ -210,7 +204,9 @@ class Daemon:
         if kc.enable_pod_correlation:
             self._start_pods()
         self._start_podspecs()
-        self.sink = self._make_sink()
+        self.attribution.pods, self.attribution.podspecs = self.pods, self.podspecs
+        self.sink = open_sink(self.output, self.clock, stream=self.stream,
+                              journal_fold_window=kc.journal_fold_window)
         from tapio_node.httpd import serve
 
         self.http = serve(kc.listen_address, self.metrics, self.state)
@@ -253,15 +249,6 @@ class Daemon:
 
         self.podspecs = from_config(self.kc, metrics=self.metrics)
         self.podspecs.start()
-
-    def _make_sink(self):
-        if self.output == "stdout":
-            return StdoutSink(self.stream, self.clock)
-        if self.output == "journal":
-            from tapio_node.journal import JournalSink
-
-            return JournalSinkAdapter(JournalSink(window=self.kc.journal_fold_window), self.clock)
-        return NullSink()
 
     def _setup_loop(self) -> None:
         self._epoll = select.epoll()
@@ -436,16 +423,13 @@ class Daemon:
     def _process(self, groups) -> None:
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         total = 0
-        for g in groups:
-            if g[0] != wire.REC_ACCESS:
-                total += self._syscall_group(g)
+        for rec in groups:
+            if rec.kind != REC_ACCESS:
+                total += self._syscall_group(rec)
                 continue
-            (_, pid, tid, cgid, comm, _dev, _gen, _ino, vol_id, file_id, flags, op,
-             path, dnames, count, first, last, stamps) = g
-            total += count
+            total += rec.count
             try:
-                self._account(pid, tid, cgid, comm, vol_id, file_id, dnames, flags, op, path,
-                              count, first, last, stamps, now_ns)
+                self._account(rec, now_ns)
             except Exception:
                 # One bad record must not stop the collector; say so, rarely.
                 self.failed_groups += 1
@@ -456,50 +440,20 @@ class Daemon:
         if total:
             self.last_event_mono = time.monotonic()
 
-    def _account(self, pid, tid, cgid, comm, vol_id, file_id, dnames, flags, op, path,
-                 count, first, last, stamps, now_ns, overflow=False) -> None:
+    def _account(self, rec, now_ns: int, overflow: bool = False) -> None:
         """One folded group of identical accesses: metrics, then the sink."""
         t0 = time.perf_counter()
-        resolved = self.volumes.resolve(vol_id, file_id, dnames)
-        if resolved is None:
+        count = rec.count
+        got = self.attribution.access(rec, overflow)
+        if got is None:
             self.unresolved += count
             return
-        vol, key = resolved
-        pods, metrics = self.pods, self.metrics
-        event_type = ev.KIND_EVENT_TYPE[vol.kind]
-        namespace, pod_name = vol.namespace, None
-        proc = self._process_info(pid, tid, cgid, comm)
-        cross_pod = None
-        if pods is not None:
-            ns2, name2 = pods.pod_names(vol.pod_uid)
-            namespace, pod_name = ns2 or namespace, name2
-            cross_pod = proc.role != "kubelet" and proc.pod_uid != vol.pod_uid
-        make = ev.OverflowAccessEvent if overflow else ev.AccessEvent
-        extra = {"count": count} if overflow else {}
-        event = make(
-            event_type=event_type, timestamp=self.clock.rfc3339(first), pod_uid=vol.pod_uid,
-            namespace=namespace, pod_name=pod_name, config_name=vol.config_name or vol.name,
-            config_name_source="collector" if vol.config_name else "volume_name",
-            volume_name=vol.name, mount_path=vol.path, file=key, path=path, process=proc,
-            cross_pod=cross_pod, syscall=wire.OP_NAMES.get(op, str(op)),
-            stale_inode=bool(flags & wire.F_UNLINKED),
-            path_truncated=bool(flags & wire.F_PATH_TRUNC),
-            file_truncated=bool(flags & wire.F_DNAME_TRUNC), overflow=overflow, **extra)
-        if self.podspecs is not None:
-            event = self._with_spec(event, vol, key)
-        if event_type == ev.PROJECTED_ACCESS:
-            metrics.access(event_type, event.namespace, vol.name, count, volume_id=vol.id)
-            # A projected key from a ConfigMap/Secret also counts for that
-            # object, so "which secrets are never read" sees every mount.
-            also = PROJECTED_SOURCE_EVENT.get(event.source_kind or "")
-            if also and event.config_name_source == "pod_spec":
-                metrics.access(also, event.namespace, event.config_name, count, volume_id=vol.id)
-        else:
-            metrics.access(event_type, event.namespace, event.config_name, count, volume_id=vol.id)
-        if cross_pod:
-            metrics.cross_pod(event.namespace, vol.kind, count)
-        self.sink.emit(event, count, stamps, first, last)
-        metrics.processing(event_type, time.perf_counter() - t0)
+        event, vol = got
+        metrics = self.metrics
+        count_access(metrics, event, vol, count)
+        last = rec.last_ts
+        self.sink.emit(event, count, rec.first_ts, last, rec.stamps)
+        metrics.processing(event.event_type, time.perf_counter() - t0)
         metrics.latency((now_ns - last) / 1e9)
 
     def _drain_overflow(self, everything: bool = False) -> None:
@@ -512,58 +466,20 @@ class Daemon:
         total = 0
         for cgid, pid, vol_id, file_id, op, count in entries:
             total += count
-            comm = _comm_of(pid)
             # One line per group with its count: a per-access line each
             # would let one flooded key become hundreds of MB.
-            self._account(pid, pid, cgid, comm, vol_id, file_id, None, 0, op, "", count,
-                          now_ns, now_ns, None, now_ns, overflow=True)
+            self._account(overflow_record(cgid, pid, vol_id, file_id, op, count, now_ns),
+                          now_ns, overflow=True)
         log.warning("ring buffer was full: %d accesses reported from the kernel's overflow "
                     "counts (no path or per-access time); consider a larger ring_buffer_size", total)
         self.events_processed += total
         self.sink.flush()
 
-    def _with_spec(self, event, vol, key):
-        meta = self.podspecs.get(vol.pod_uid)
-        if meta is None and event.namespace and event.pod_name:
-            # Static pods: the kubelet's UID is a config hash, not the
-            # manifest's; match them by namespace/name.
-            meta = self.podspecs.get_by_name(event.namespace, event.pod_name)
-        if meta is None:
-            return event
-        changes = {"namespace": event.namespace or meta.namespace,
-                   "pod_name": event.pod_name or meta.name,
-                   "service_account": meta.service_account,
-                   "app": meta.app_name}
-        if meta.workload_kind and meta.workload_name:
-            changes["workload"] = ev.Workload(meta.workload_kind, meta.workload_name)
-        src = meta.resolve(vol.name, key)
-        if src is not None:
-            if src.name:
-                changes["config_name"] = src.name
-                changes["config_name_source"] = "pod_spec"
-            changes["source_kind"] = src.kind
-            changes["source_key"] = src.key
-        return msgspec.structs.replace(event, **changes)
-
-    def _process_info(self, pid: int, tid: int, cgid: int, comm: str) -> ev.ProcessInfo:
-        """The opener: pid and command, and its pod and container when known."""
-        proc = ev.ProcessInfo(pid=pid, command=comm, cgroup_id=cgid, tid=tid)
-        if self.pods is not None:
-            acc = self.pods.accessor(cgid, pid, comm)
-            proc.container_id, proc.pod_uid = acc.container_id, acc.pod_uid
-            proc.namespace, proc.pod_name, proc.role = acc.namespace, acc.pod_name, acc.role
-        return proc
-
-    def _syscall_group(self, g) -> int:
-        (_, pid, tid, cgid, comm, nr, count, first, _last, _stamps) = g
-        if self.output != "stdout":
-            return count
-        proc = self._process_info(pid, tid, cgid, comm)
-        event = ev.PodSyscallEvent(event_type=ev.POD_SYSCALL, timestamp=self.clock.rfc3339(first),
-                                   pod_uid=proc.pod_uid, namespace=proc.namespace,
-                                   pod_name=proc.pod_name, syscall_nr=nr, count=count, process=proc)
-        self.sink.emit(event, 1, None)
-        return count
+    def _syscall_group(self, rec) -> int:
+        if self.output == "stdout":
+            first = rec.first_ts
+            self.sink.emit(self.attribution.syscall(rec), 1, first, first)
+        return rec.count
 
     # -- API for other collectors (the seed's AddContainerPID, AddPodInfo,
     # AddMountInfo). Call from the loop's thread, or with the loop stopped.
@@ -612,7 +528,7 @@ class Daemon:
             self.volumes.plugins = plugins_for(new)
             self.volumes.scan_all()
         if new.journal_fold_window != old.journal_fold_window and self.output == "journal":
-            self.sink.journal.window = new.journal_fold_window
+            self.sink.window = new.journal_fold_window
         log.info("configuration reloaded from %s", self.config_path or "defaults")
         self.notifier.ready(self.status_text)
 
@@ -673,7 +589,7 @@ def run(config_path: str | None, output: str) -> int:
         return 1
     finally:
         daemon.close()
-    dropped = getattr(daemon.sink, "dropped_lines", 0)
+    dropped = daemon.sink.dropped_lines
     if dropped:
         print(f"tapio-node: {dropped} events were dropped because stdout was not being read; "
               "exiting 1", file=sys.stderr)

@@ -6,19 +6,43 @@ would otherwise drive collections on the hot path."""
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import msgspec
 
-CONFIGMAP_ACCESS = "configmap_access"
-SECRET_ACCESS = "secret_access"
-PROJECTED_ACCESS = "projected_access"
-POD_SYSCALL = "pod_syscall"
 
-KIND_EVENT_TYPE = {
-    "configmap": CONFIGMAP_ACCESS,
-    "secret": SECRET_ACCESS,
-    "projected": PROJECTED_ACCESS,
-}
+class EventKind(NamedTuple):
+    """One event type, as every output names it. The strings are a
+    contract: dashboards, alerts and `journalctl MESSAGE_ID=` use them."""
+    event_type: str              # the JSON "event_type"
+    volume_kind: str | None      # the kubelet volume plugin it reports on; None: not a file access
+    metric: str | None           # its counter: kernel_monitor_<metric>_total
+    metric_help: str | None
+    metric_label: str | None     # that counter's label naming the object
+    message_id: str | None       # journald MESSAGE_ID
+    wording: str                 # the object as the journal's MESSAGE names it
+
+
+CONFIGMAP = EventKind("configmap_access", "configmap", "configmap_access", "ConfigMap file opens",
+                      "configmap", "c50a7d905b874921b39256c4b8e3ed30", "configmap")
+SECRET = EventKind("secret_access", "secret", "secret_access", "Secret file opens",
+                   "secret", "c74a8c7ec43e460e88a390d265110be6", "secret")
+PROJECTED = EventKind("projected_access", "projected", "projected_access",
+                      "Projected volume file opens", "volume",
+                      "601c75ef1e83445397c510929610c98a", "projected volume")
+SYSCALL = EventKind("pod_syscall", None, None, None, None, None, "syscall")
+KINDS = (CONFIGMAP, SECRET, PROJECTED, SYSCALL)
+# A journal record of an event type not in KINDS still gets a fixed id.
+OTHER_MESSAGE_ID = "fbb9f3d71d654d1390ebb72b5d3c4201"
+
+BY_EVENT_TYPE = {k.event_type: k for k in KINDS}
+BY_VOLUME_KIND = {k.volume_kind: k for k in KINDS if k.volume_kind}
+ACCESS_KINDS = tuple(k for k in KINDS if k.metric)
+
+CONFIGMAP_ACCESS = CONFIGMAP.event_type
+SECRET_ACCESS = SECRET.event_type
+PROJECTED_ACCESS = PROJECTED.event_type
+POD_SYSCALL = SYSCALL.event_type
 
 
 class ProcessInfo(msgspec.Struct, kw_only=True, gc=False):

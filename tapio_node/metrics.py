@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .events import ACCESS_KINDS
 
 __all__ = ["Metrics", "DaemonState", "OVERFLOW", "PREFIX"]
 
@@ -38,11 +39,8 @@ PROCESSING_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4
 LATENCY_BUCKETS = (1e-5, 2e-5, 3e-5, 4e-5, 5e-5, 7.5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
                    1e-2, 2.5e-2, 0.1, 0.25, 1.0, 5.0)
 
-_ACCESS_KIND = {
-    "configmap_access": "configmap",
-    "secret_access": "secret",
-    "projected_access": "projected",
-}
+# Access event type -> the volume kind its counter is kept under.
+_ACCESS_KIND = {k.event_type: k.volume_kind for k in ACCESS_KINDS}
 
 
 # Every way an access can go unreported; each is counted, never silent.
@@ -170,9 +168,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r, p = self.registry, PREFIX
         self._access = {
-            "configmap": Counter(f"{p}_configmap_access", "ConfigMap file opens", ["namespace", "configmap"], registry=r),
-            "secret": Counter(f"{p}_secret_access", "Secret file opens", ["namespace", "secret"], registry=r),
-            "projected": Counter(f"{p}_projected_access", "Projected volume file opens", ["namespace", "volume"], registry=r),
+            k.volume_kind: Counter(f"{p}_{k.metric}", k.metric_help, ["namespace", k.metric_label], registry=r)
+            for k in ACCESS_KINDS
         }
         self._cross_pod = Counter(f"{p}_cross_pod_access", "Opens of another pod's volume file",
                                   ["namespace", "kind"], registry=r)

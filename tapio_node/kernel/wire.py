@@ -3,17 +3,14 @@ map keys and values, and the pure-Python twin of the Cython record folder.
 tests/unit/test_wire_btf.py checks every constant against the header and
 every struct against the compiled object's BTF.
 
-RecordFolder.take() and _fast.RingReader.take() return tuples of the same
-shape:
-  access:  (REC_ACCESS, pid, tid, cgroup_id, comm, dev, gen, ino,
-            volume_id, file_id, flags, op, path, dnames|None,
-            count, first_ts, last_ts, timestamps|None)
-  syscall: (REC_SYSCALL, pid, tid, cgroup_id, comm, nr,
-            count, first_ts, last_ts, timestamps|None)
+RecordFolder.take() and _fast.RingReader.take() hand out equal records
+(tapio_node.kernel.records): AccessRecord and SyscallRecord.
 """
 from __future__ import annotations
 
 import struct
+
+from tapio_node.kernel.records import AccessRecord, SyscallRecord
 
 COMM_LEN = 16
 PATH_LEN = 256
@@ -213,10 +210,12 @@ class RecordFolder:
         g[4].append(ts)
         self._nrec += 1
 
-    def take(self) -> list[tuple]:
+    def take(self) -> list[AccessRecord | SyscallRecord]:
         out = []
         for head, count, first, last, stamps in self._groups:
-            out.append(head + (count, first, last,
-                               stamps if self.keep_timestamps else None))
+            make, fields = ((AccessRecord, AccessRecord._fields) if head[0] == REC_ACCESS
+                            else (SyscallRecord, SyscallRecord._fields))
+            out.append(make(**dict(zip(fields, head[1:] + (
+                count, first, last, stamps if self.keep_timestamps else None)))))
         self._reset()
         return out

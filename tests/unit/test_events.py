@@ -4,7 +4,7 @@ import os
 import time
 
 from tapio_node import events as ev
-from tapio_node.sinks import StdoutSink
+from tapio_node.outputs.stdout import StdoutSink
 
 
 def _event(ts="x"):
@@ -41,8 +41,8 @@ def test_stdout_sink_writes_one_line_per_access_with_its_timestamp():
     sink = StdoutSink(io.FileIO(w, "w", closefd=False), ev.Clock())
     mono = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     stamps = [mono, mono + 1, mono + 2]
-    sink.emit(_event(sink.clock.rfc3339(mono)), 3, stamps)
-    sink.emit(_event(sink.clock.rfc3339(mono)), 1, [mono])
+    sink.emit(_event(sink.clock.rfc3339(mono)), 3, mono, mono + 2, stamps)
+    sink.emit(_event(sink.clock.rfc3339(mono)), 1, mono, mono, [mono])
     sink.close()
     os.close(w)
     lines = os.read(r, 1 << 16).decode().splitlines()

@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from tapio_node.journal import MESSAGE_IDS, JournalSink, record_fields
+from tapio_node.outputs.journal import MESSAGE_IDS, JournalSink, record_fields
 
 try:
     from tapio_node.events import AccessEvent, ProcessInfo
@@ -67,11 +67,19 @@ class Clock:
         return self.t
 
 
+class KernelClock:
+    """Kernel ns -> a readable stand-in for RFC 3339."""
+
+    def rfc3339(self, ns):
+        return f"T{ns}"
+
+
 def sink(window=10.0, **kw):
     """A sink writing to a StringIO (no journald socket at this path)."""
     out = io.StringIO()
     clock = Clock()
-    s = JournalSink(window=window, socket_path="/nonexistent/tapio-test/socket", stream=out, clock=clock, **kw)
+    s = JournalSink(window=window, socket_path="/nonexistent/tapio-test/socket", stream=out,
+                    clock=clock, kernel_clock=KernelClock(), **kw)
     return s, out, clock
 
 
@@ -111,12 +119,12 @@ def test_loop_reader_folds_into_one_record_per_window():
 def test_batch_count_is_added():
     s, out, clock = sink()
     s.emit(make_event())
-    s.emit(make_event(), count=41, first_ts="A", last_ts="B")
-    s.emit(make_event(), count=1, last_ts="C")
+    s.emit(make_event(), 41, first_ns=1, last_ns=2)
+    s.emit(make_event(), 1, last_ns=3)
     s.close()
     recs = records(out)
     assert len(recs) == 2
-    assert recs[1].endswith(", 42 times from A to C")
+    assert recs[1].endswith(", 42 times from T1 to T3")
 
 
 def test_new_key_of_known_pair_waits_for_window_new_pair_is_immediate():

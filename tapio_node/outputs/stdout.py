@@ -1,6 +1,4 @@
-"""Where events go: stdout JSON lines, the journal, or nowhere (metrics
-only). Every sink takes a folded group: one event with a count and the
-kernel timestamps of each access."""
+"""--output stdout: one JSON line per access."""
 from __future__ import annotations
 
 import collections
@@ -16,7 +14,7 @@ import msgspec
 from tapio_node import events as ev
 
 _PLACEHOLDER = "\x00tapio-ts\x00"
-log = logging.getLogger("tapio_node.sinks")
+log = logging.getLogger("tapio_node.outputs.stdout")
 
 
 class StdoutSink:
@@ -78,9 +76,9 @@ class StdoutSink:
             except BlockingIOError:
                 select.select([], [self.fd], [], 1.0)
 
-    def emit(self, event, count: int, stamps: list[int] | None,
-             first_ns: int = 0, last_ns: int = 0) -> None:
-        if not stamps or count == 1:
+    def emit(self, event, count: int = 1, first_ns: int | None = None,
+             last_ns: int | None = None, stamps: list[int] | None = None) -> None:
+        if count == 1 or not stamps:
             self._buf += ev.encode(event)
             self._buf += b"\n"
             self.lines += 1
@@ -141,41 +139,3 @@ class StdoutSink:
                 self._closed = True
                 self._cond.notify_all()
             self._thread.join(timeout)
-
-
-class JournalSinkAdapter:
-    """The folding journal sink behind the common sink interface."""
-
-    def __init__(self, journal, clock: ev.Clock):
-        self.journal = journal
-        self.clock = clock
-
-    def emit(self, event, count: int, stamps: list[int] | None,
-             first_ns: int = 0, last_ns: int = 0) -> None:
-        rfc = self.clock.rfc3339
-        first = rfc(first_ns) if first_ns else event.timestamp
-        last = rfc(last_ns) if last_ns else first
-        self.journal.emit(event, count=count, first_ts=first, last_ts=last)
-
-    def flush(self) -> None:
-        pass
-
-    def tick(self, now: float) -> None:
-        self.journal.tick(now)
-
-    def close(self) -> None:
-        self.journal.close()
-
-
-class NullSink:
-    def emit(self, event, count, stamps, first_ns=0, last_ns=0) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def tick(self, now: float) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

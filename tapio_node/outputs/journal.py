@@ -7,11 +7,8 @@ so a process reading a file in a loop writes one record per window, not one
 per open. The first access of a new (accessor, volume) pair is written at
 once. The fold table is capped; on overflow the oldest entry is flushed early.
 
-MESSAGE_ID per event type (stable; use with `journalctl MESSAGE_ID=...`):
-
-    configmap_access  c50a7d905b874921b39256c4b8e3ed30
-    secret_access     c74a8c7ec43e460e88a390d265110be6
-    projected_access  601c75ef1e83445397c510929610c98a
+MESSAGE_ID per event type: MESSAGE_IDS, from tapio_node.events.KINDS
+(stable; use with `journalctl MESSAGE_ID=...`).
 
 Fields: TAPIO_EVENT_TYPE, TAPIO_NAMESPACE, TAPIO_POD_NAME, TAPIO_POD_UID,
 TAPIO_CONFIG_NAME(_SOURCE), TAPIO_VOLUME, TAPIO_FILE, TAPIO_PATH (owner side);
@@ -32,23 +29,14 @@ import os
 import sys
 import time
 
+from tapio_node import events as ev
 from tapio_node.host import JOURNAL_SOCKET
 
 __all__ = ["JournalSink", "MESSAGE_IDS", "record_fields"]
 
-MESSAGE_IDS = {
-    "configmap_access": "c50a7d905b874921b39256c4b8e3ed30",
-    "secret_access": "c74a8c7ec43e460e88a390d265110be6",
-    "projected_access": "601c75ef1e83445397c510929610c98a",
-}
-# Any other event type (added later) still gets a fixed id.
-OTHER_MESSAGE_ID = "fbb9f3d71d654d1390ebb72b5d3c4201"
+__all__ = ["JournalSink", "MESSAGE_IDS", "record_fields"]
 
-_KIND = {
-    "configmap_access": "configmap",
-    "secret_access": "secret",
-    "projected_access": "projected volume",
-}
+MESSAGE_IDS = {k.event_type: k.message_id for k in ev.KINDS if k.message_id}
 
 PRIORITY_WARNING = 4
 PRIORITY_INFO = 6
@@ -87,9 +75,10 @@ def record_fields(event, count: int, first: str | None, last: str | None, identi
                   live: bool = False) -> dict[str, str]:
     """The journal fields of one (possibly folded) record; None values left out."""
     proc = event.process
-    kind = _KIND.get(event.event_type, event.event_type)
+    ekind = ev.BY_EVENT_TYPE.get(event.event_type)
+    kind = ekind.wording if ekind else event.event_type
     cross = getattr(event, "cross_pod", None)
-    priority = PRIORITY_WARNING if (event.event_type == "secret_access" and cross) else PRIORITY_INFO
+    priority = PRIORITY_WARNING if (ekind is ev.SECRET and cross) else PRIORITY_INFO
     accessor = _accessor_pod(proc)
     if proc is not None and proc.role:
         accessor += f", {proc.role}"
@@ -106,7 +95,7 @@ def record_fields(event, count: int, first: str | None, last: str | None, identi
         message += f", {count} times from {first} to {last}"
     fields = {
         "MESSAGE": message,
-        "MESSAGE_ID": MESSAGE_IDS.get(event.event_type, OTHER_MESSAGE_ID),
+        "MESSAGE_ID": ekind.message_id if ekind and ekind.message_id else ev.OTHER_MESSAGE_ID,
         "PRIORITY": priority,
         "SYSLOG_IDENTIFIER": identifier,
         "TAPIO_EVENT_TYPE": event.event_type,
@@ -145,11 +134,15 @@ def record_fields(event, count: int, first: str | None, last: str | None, identi
 
 
 class JournalSink:
-    """Folding journald writer. Call emit() per access, tick() from the loop, close() at exit.
+    """Folding journald writer, a Sink: emit() per folded group, tick()
+    from the loop, close() at exit.
 
     `clock` (monotonic seconds) is injectable so folding can be tested
     without sleeping; tick() takes the time explicitly for the same reason.
+    `kernel_clock` turns the kernel times emit() gets into RFC 3339.
     """
+
+    dropped_lines = 0
 
     def __init__(
         self,
@@ -161,6 +154,7 @@ class JournalSink:
         socket_path: str = JOURNAL_SOCKET,
         stream=None,
         clock=time.monotonic,
+        kernel_clock: ev.Clock | None = None,
     ):
         if window < 0:
             raise ValueError(f"journal fold window must be >= 0 seconds, got {window!r}")
@@ -172,6 +166,7 @@ class JournalSink:
         self.max_pairs = max_pairs
         self._stream = stream
         self._clock = clock
+        self._rfc3339 = (kernel_clock or ev.Clock()).rfc3339
         self._table: dict[tuple, _Fold] = {}   # insertion order == start order
         self._pairs: dict[tuple, None] = {}    # LRU of (accessor, owner pod, volume)
         self.records_written = 0
@@ -193,10 +188,14 @@ class JournalSink:
     def using_journald(self) -> bool:
         return self._sendv is not None
 
-    def emit(self, event, count: int = 1, first_ts: str | None = None, last_ts: str | None = None) -> None:
-        """Record `count` identical accesses (the last at `last_ts`)."""
-        first = first_ts or event.timestamp
-        last = last_ts or event.timestamp
+    def emit(self, event, count: int = 1, first_ns: int | None = None,
+             last_ns: int | None = None, stamps: list[int] | None = None) -> None:
+        """Record `count` identical accesses, the first and last at these
+        kernel times (None: at the event's timestamp); one record holds
+        them all, so `stamps` is not needed."""
+        rfc = self._rfc3339
+        first = rfc(first_ns) if first_ns else event.timestamp
+        last = rfc(last_ns) if last_ns else first
         if self.window == 0:
             self._write(event, count, first, last, live=True)
             return
@@ -237,6 +236,9 @@ class JournalSink:
             del table[key]
             written += self._flush(entry)
         return written
+
+    def flush(self) -> None:
+        """Nothing to do at the end of a batch: records go out as they are made."""
 
     def close(self) -> None:
         """Flush everything pending (at SIGTERM or reload)."""
