@@ -146,8 +146,8 @@ def test_cgroup_root_setting():
 def test_kernel_dev():
     assert host.kernel_dev(os.makedev(8, 1)) == 8 << 20 | 1
     assert host.kernel_dev(os.makedev(259, 1 << 19)) == 259 << 20 | 1 << 19
-    if _fast is not None:  # inode_key's own encoding is the same
-        assert _fast.inode_key("/proc")[0] == host.kernel_dev(os.lstat("/proc").st_dev)
+    if _fast is not None:  # stat_inode_key's own encoding is the same
+        assert _fast.stat_inode_key("/proc")[0] == host.kernel_dev(os.lstat("/proc").st_dev)
 
 
 def test_proc_readers():
