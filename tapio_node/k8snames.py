@@ -7,6 +7,7 @@ object and answers False for what is not a str.
 from __future__ import annotations
 
 import re
+import secrets
 
 # Pod UIDs are RFC 4122 UUIDs as the API server generates them.
 POD_UID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
@@ -50,3 +51,18 @@ def check_subdomain(what: str, value: object) -> None:
     if not valid_subdomain(value):
         raise ValueError(f"{what} {value!r} is not a DNS-1123 subdomain "
                          f"(lower-case alphanumerics, '-', '.', at most {MAX_SUBDOMAIN})")
+
+
+def check_component(what: str, value: object) -> None:
+    """ValueError naming `what` unless value is one path component (a key or volume dir name)."""
+    if not isinstance(value, str) or not value or "/" in value or value in (".", "..") or "\0" in value:
+        raise ValueError(f"{what} {value!r} must be a single path component")
+
+
+# Characters of generated name suffixes (k8s.io/apimachinery/pkg/util/rand).
+_SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+
+
+def name_suffix(n: int = 5) -> str:
+    """A random suffix as the API server appends to generated names."""
+    return "".join(secrets.choice(_SUFFIX_ALPHABET) for _ in range(n))

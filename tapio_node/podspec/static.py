@@ -13,6 +13,7 @@ import stat
 import msgspec
 import yaml
 
+from tapio_node import k8snames
 from tapio_node.podspec.model import OwnerRef, Pod, PodMeta, pod_meta
 
 MAX_MANIFEST_BYTES = 1 << 20
@@ -20,14 +21,6 @@ MAX_MANIFEST_BYTES = 1 << 20
 
 class ManifestError(ValueError):
     pass
-
-
-# The one check of Kubernetes names in podspec: a DNS-1123 subdomain (`limit`
-# 253) or label (63), as the API server validates metadata.name/namespace.
-def _dns1123(s: str, limit: int = 253) -> bool:
-    if not s or len(s) > limit or s[0] in "-." or s[-1] in "-.":
-        return False
-    return all(c.islower() or c.isdigit() or c in "-." for c in s)
 
 
 def read_manifest(path: str, node_name: str) -> PodMeta:
@@ -53,10 +46,10 @@ def read_manifest(path: str, node_name: str) -> PodMeta:
     except msgspec.ValidationError as e:
         raise ManifestError(f"invalid Pod: {e}") from e
     base = pod.metadata.name
-    if not _dns1123(base):
+    if not k8snames.valid_pod_name(base):
         raise ManifestError(f"metadata.name {base!r} is not a DNS-1123 name")
     ns = pod.metadata.namespace or "default"
-    if not _dns1123(ns, 63):
+    if not k8snames.valid_namespace(ns):
         raise ManifestError(f"metadata.namespace {ns!r} is not a DNS-1123 label")
     # The kubelet names a static pod <name>-<node> (pkg/kubelet/config/common.go).
     pod.metadata.name = f"{base}-{node_name.lower()}"

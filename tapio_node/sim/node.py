@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import base64
 import json
+import logging
 import os
 import re
 import secrets
@@ -36,13 +37,15 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from tapio_node.host import mounts_under
+from tapio_node.k8snames import check_component, check_label, check_subdomain, name_suffix
 from tapio_node.sim.atomic_writer import atomic_write, validate_payload
-from tapio_node.sim.k8snames import check_component, check_dns_label, check_dns_subdomain, name_suffix
-from tapio_node.sim.mountinfo import cgroup2_mount, mounts_under
 from tapio_node.sim.opener import Reader
-from tapio_node.sim.system import MS_NODEV, MS_NOSUID, SimulationError, kill_pids, mount, pid_alive, umount
+from tapio_node.sim.system import MS_NODEV, MS_NOSUID, SimulationError, cgroup2_mount, kill_pids, mount, pid_alive, umount
 
 __all__ = ["VolumeSpec", "SimulatedNode", "SimPod", "SimContainer", "sweep_stale"]
+
+log = logging.getLogger("tapio_node.sim")
 
 PLUGINS = {
     "configmap": "kubernetes.io~configmap",
@@ -127,7 +130,7 @@ class VolumeSpec:
     def __post_init__(self):
         if self.kind not in PLUGINS:
             raise ValueError(f"volume {self.name!r}: kind {self.kind!r} is not one of {', '.join(PLUGINS)}")
-        check_dns_label("volume name", self.name)
+        check_label("volume name", self.name)
         validate_payload(self.files)
         if self.source_name is None:
             self.source_name = self.name
@@ -326,7 +329,7 @@ class SimPod:
         return self.last_kubelet_write["written"]
 
     def add_container(self, name: str, runtime: str = "containerd") -> SimContainer:
-        check_dns_label("container name", name)
+        check_label("container name", name)
         if runtime not in RUNTIME_SCOPE:
             raise ValueError(f"runtime {runtime!r} is not one of {', '.join(RUNTIME_SCOPE)}")
         if name in self.containers:
@@ -343,7 +346,7 @@ class SimulatedNode:
 
     def __init__(self, base_dir: str | None = None, cgroup_parent: str | None = None, driver: str = "systemd",
                  node_name: str = "sim-node"):
-        check_dns_subdomain("node_name", node_name)
+        check_subdomain("node_name", node_name)
         self.node_name = node_name
         if driver not in DRIVERS:
             raise ValueError(f"driver {driver!r} is not one of {', '.join(DRIVERS)}")
@@ -424,12 +427,12 @@ class SimulatedNode:
         ``static_pods_path`` (``<name>.yaml``, ``metadata.name: name``), and, as
         the kubelet does, the running pod is named ``<name>-<node_name>``."""
         self._check_open()
-        check_dns_label("namespace", namespace)
-        check_dns_subdomain("pod name", name)
+        check_label("namespace", namespace)
+        check_subdomain("pod name", name)
         static_name = None
         if static:
             static_name, name = name, f"{name}-{self.node_name}"
-            check_dns_subdomain("static pod name", name)
+            check_subdomain("static pod name", name)
         if qos not in QOS_CLASSES:
             raise ValueError(f"qos {qos!r} is not one of {', '.join(QOS_CLASSES)}")
         uid = str(uuid.uuid4()) if uid is None else uid
@@ -626,15 +629,20 @@ def sweep_stale(cgroup_parent: str | None = None, tmp_dir: str | None = None,
             path = os.path.join(top, name)
             if not m or pid_alive(int(m.group(1))) or not os.path.isdir(path) or os.path.islink(path):
                 continue
-            if kind == "cgroup":
-                _empty_and_remove_cgroup_tree(path)
-            elif kind == "tmp":
-                for mp in sorted(mounts_under(path), key=len, reverse=True):
-                    umount(mp)
-                shutil.rmtree(path)
-            else:
-                # Unlinking a pin drops the map once no process holds it.
-                shutil.rmtree(path)
+            try:
+                if kind == "cgroup":
+                    _empty_and_remove_cgroup_tree(path)
+                elif kind == "tmp":
+                    for mp in sorted(mounts_under(path), key=len, reverse=True):
+                        umount(mp)
+                    shutil.rmtree(path)
+                else:
+                    # Unlinking a pin drops the map once no process holds it.
+                    shutil.rmtree(path)
+            except (OSError, SimulationError) as exc:
+                # One leftover that will not go must not stop this run.
+                log.warning("stale %s not removed: %s", path, exc)
+                continue
             removed.append(path)
     return removed
 

@@ -6,12 +6,23 @@ import ctypes
 import os
 import signal
 
+from tapio_node import host
+
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 32, 4096, 16384
 MNT_DETACH = 2
 
 
 class SimulationError(RuntimeError):
     """The simulated node could not be built or torn down."""
+
+
+def cgroup2_mount() -> str:
+    """The cgroup v2 mount the simulated node builds its tree under."""
+    root = host.cgroup2_root()
+    if root is None:
+        raise SimulationError("no cgroup v2 mount found in /proc/self/mountinfo; mount one with "
+                              "'mount -t cgroup2 none /sys/fs/cgroup/unified'")
+    return root
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

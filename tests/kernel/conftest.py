@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from tapio_node import host
-from tapio_node.sim.mountinfo import cgroup2_mount
+from tapio_node.sim.system import cgroup2_mount
 from tapio_node.sim.node import SimulatedNode, sweep_stale
 from tapio_node.sim.system import SimulationError
 

@@ -15,7 +15,8 @@ from inotify_simple import INotify, flags
 from tapio_node import host
 from tapio_node.sim.atomic_writer import atomic_write
 from tapio_node.sim.demo import build_demo_node, run_demo
-from tapio_node.sim.mountinfo import cgroup2_mount, mounts_under
+from tapio_node.host import mounts_under
+from tapio_node.sim.system import cgroup2_mount
 from tapio_node.sim.node import SA_MOUNT, VolumeSpec, sweep_stale
 from tapio_node.sim.system import SimulationError
 
