@@ -184,14 +184,14 @@ class Kernel:
 
 
 class KernelMaps:
-    """The correlation maps, typed: what pods.py and other collectors use."""
+    """The correlation maps, typed: what pods/ and other collectors use."""
 
     def __init__(self, kernel: Kernel):
         self._pods = kernel.maps["pod_info_map"]
         self._pids = kernel.maps["container_pids"]
 
     def put_pod_info(self, cgroup_id: int, info) -> None:
-        from tapio_node.pods import pack_pod_info
+        from tapio_node.pods.info import pack_pod_info
 
         self._pods.update(wire.U64.pack(cgroup_id), pack_pod_info(info))
 

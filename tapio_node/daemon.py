@@ -242,7 +242,7 @@ class Daemon:
 
     def _start_pods(self) -> None:
         try:
-            from tapio_node.pods import PodRegistry
+            from tapio_node.pods.registry import PodRegistry
         except ImportError:
             log.warning("pod correlation unavailable in this build")
             return

@@ -17,7 +17,9 @@ import uuid
 
 import pytest
 
-from tapio_node.pods import Accessor, PodInfo, PodRegistry, detect_cgroup_root, unpack_pod_info
+from tapio_node.pods.host_and_names import detect_cgroup_root
+from tapio_node.pods.info import Accessor, PodInfo, unpack_pod_info
+from tapio_node.pods.registry import PodRegistry
 from tests.fakes import FakeMaps, drain
 
 pytestmark = pytest.mark.kernel
@@ -138,11 +140,11 @@ def test_both_drivers_every_runtime(node):
     conmon = node.mkdir(os.path.relpath(pods[conmon_uid][6], node.root) + f"/crio-conmon-{secrets.token_hex(32)}.scope")
     conmon_proc = node.run_in(conmon)
     host = node.run_in(node.mkdir("system.slice/cron.service"))
-    reg = registry(node)
+    maps = FakeMaps()
+    reg = registry(node, maps=maps)
     try:
         reg.start()
         assert reg.pods() == len(pods)
-        maps = reg._maps
         for uid, (ns, name, qos, cdir, cid, proc, pdir) in pods.items():
             cgid = ino(cdir)
             assert reg.accessor(cgid, proc.pid, "sleep") == Accessor(cid, uid, ns, name, None)
@@ -172,7 +174,8 @@ def test_both_drivers_every_runtime(node):
 @pytest.mark.parametrize("driver", ["systemd", "cgroupfs"])
 def test_containers_after_start_through_inotify(node, driver):
     node.mkdir("kubepods.slice/kubepods-burstable.slice" if driver == "systemd" else "kubepods/burstable")
-    reg = registry(node)
+    maps = FakeMaps()
+    reg = registry(node, maps=maps)
     try:
         reg.start()
         assert reg.pods() == 0
@@ -185,7 +188,7 @@ def test_containers_after_start_through_inotify(node, driver):
         cgid = ino(cdir)
         assert drain(reg, lambda: reg.accessor(cgid, proc.pid, "sleep").container_id == cid)
         print(f"{driver}: container attributed {1000 * (time.monotonic() - t0):.1f} ms after mkdir")
-        assert reg._maps.pids.get(proc.pid) == cgid
+        assert maps.pids.get(proc.pid) == cgid
         (node.logs / f"late_web_{uid}").mkdir()
         assert drain(reg, lambda: reg.accessor(cgid, proc.pid, "sleep").pod_name == "web")
         # a second container of the same pod
@@ -198,12 +201,12 @@ def test_containers_after_start_through_inotify(node, driver):
         cg2 = ino(cdir2)
         os.rmdir(cdir)
         os.rmdir(cdir2)
-        assert drain(reg, lambda: cgid not in reg._maps.pod_info and cg2 not in reg._maps.pod_info)
+        assert drain(reg, lambda: cgid not in maps.pod_info and cg2 not in maps.pod_info)
         assert reg.accessor(cgid, proc.pid, "sleep").pod_uid is None
-        assert proc.pid not in reg._maps.pids
+        assert proc.pid not in maps.pids
         os.rmdir(os.path.join(node.root, pod_rel))
         assert drain(reg, lambda: reg.pods() == 0)
-        assert reg._maps.pod_info == {}
+        assert maps.pod_info == {}
     finally:
         reg.close()
 
@@ -236,7 +239,8 @@ def test_hostile_cgroup_names_are_skipped(node, caplog):
 def test_add_container_pid_and_add_pod_info(node):
     uid = str(uuid.uuid4())
     node.mkdir("kubepods")
-    reg = registry(node)
+    maps = FakeMaps()
+    reg = registry(node, maps=maps)
     try:
         reg.start()
         cid = secrets.token_hex(32)
@@ -244,7 +248,7 @@ def test_add_container_pid_and_add_pod_info(node):
         proc = node.run_in(cdir)
         # before inotify is read: the API resolves the cgroup itself
         assert reg.add_container_pid(proc.pid) == ino(cdir)
-        assert reg._maps.pids[proc.pid] == ino(cdir)
+        assert maps.pids[proc.pid] == ino(cdir)
         assert reg.accessor(ino(cdir), proc.pid, "sleep").container_id == cid
         host = node.run_in(node.mkdir("system.slice/sshd.service"))
         with pytest.raises(ValueError, match="not a pod or container cgroup"):
@@ -350,7 +354,7 @@ def test_real_bpf_maps(node, request):
 _AS_NOBODY = r"""
 import json, logging, os, sys
 sys.path.insert(0, sys.argv[1])
-from tapio_node.pods import PodRegistry
+from tapio_node.pods.registry import PodRegistry
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 root, logs, kpods, uid, uid2, cid, cid2, uid3 = sys.argv[2:]
 reg = PodRegistry(cgroup_root=root, pod_logs_path=logs, kubelet_pods_path=kpods,
