@@ -256,6 +256,7 @@ class Daemon:
         self.pods = PodRegistry(
             cgroup_root=root, pod_logs_path=self.kc.pod_logs_path,
             kubelet_pods_path=self.kc.kubelet_pods_path,
+            projected_volume_pattern=self.kc.projected_volume_pattern,
             kubelet_cgroups=self.kc.kubelet_cgroups,
             kubelet_executables=self.kc.kubelet_executables,
             maps=KernelMaps(self.kernel), metrics=self.metrics)

@@ -56,14 +56,15 @@ class KubeletRecognizer:
 
 class ServiceAccountVolumes:
     """The `namespace` key of a pod's service-account volume, at
-    <kubelet_pods_path>/<uid>/volumes/kubernetes.io~projected/kube-api-access-*.
+    <kubelet_pods_path>/<uid>/volumes/<projected_volume_pattern>/kube-api-access-*.
 
     Walked with O_NOFOLLOW opens relative to dir fds; the atomic writer's
     two symlinks (`namespace -> ..data/namespace`, `..data -> ..<timestamp>`)
     are resolved by hand and must stay inside the volume dir."""
 
-    def __init__(self, kubelet_pods_path: str, odd: OddNames) -> None:
+    def __init__(self, kubelet_pods_path: str, projected_volume_pattern: str, odd: OddNames) -> None:
         self.kubelet_pods_path = kubelet_pods_path
+        self.projected_volume_pattern = projected_volume_pattern
         self._odd = odd
 
     def namespace(self, uid: str) -> str | None:
@@ -71,7 +72,7 @@ class ServiceAccountVolumes:
         try:
             fd = os.open(self.kubelet_pods_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             fds.append(fd)
-            for part in (uid, "volumes", "kubernetes.io~projected"):
+            for part in (uid, "volumes", self.projected_volume_pattern):
                 fd = os.open(part, _O_DIR, dir_fd=fd)
                 fds.append(fd)
             # Only the service-account volume: its `namespace` key comes from

@@ -46,6 +46,7 @@ class PodRegistry:
     """
 
     def __init__(self, *, cgroup_root: str, pod_logs_path: str, kubelet_pods_path: str,
+                 projected_volume_pattern: str,
                  kubelet_cgroups: list[str], kubelet_executables: list[str],
                  maps=None, metrics=None,
                  log: logging.Logger = logging.getLogger("tapio_node.pods")) -> None:
@@ -59,6 +60,10 @@ class PodRegistry:
                          ("kubelet_pods_path", kubelet_pods_path)):
             if not isinstance(val, str) or not os.path.isabs(val):
                 raise ValueError(f"{key}: expected an absolute path, got {val!r}")
+        if (not isinstance(projected_volume_pattern, str) or "/" in projected_volume_pattern
+                or projected_volume_pattern in ("", ".", "..")):
+            raise ValueError("projected_volume_pattern: expected a kubelet volume plugin dir name "
+                             f"like kubernetes.io~projected, got {projected_volume_pattern!r}")
         self.cgroup_root = os.path.normpath(cgroup_root)
         self.pod_logs_path = os.path.normpath(pod_logs_path)
         self.kubelet_pods_path = os.path.normpath(kubelet_pods_path)
@@ -69,7 +74,7 @@ class PodRegistry:
         self._watches = Watches(log, odd)
         self._mirror = MapMirror(maps, odd)
         self._kubelet = KubeletRecognizer(kubelet_cgroups, kubelet_executables)
-        sa = ServiceAccountVolumes(self.kubelet_pods_path, odd)
+        sa = ServiceAccountVolumes(self.kubelet_pods_path, projected_volume_pattern, odd)
         self._names = PodNames(self.pod_logs_path, self._watches, odd, sa_namespace=sa.namespace,
                                changed=self._refresh_pod, metrics=metrics)
         self._tree = CgroupTree(self.cgroup_root, self._watches, odd,

@@ -100,6 +100,7 @@ def node(tmp_path):
 
 def registry(node, maps=None, **kw):
     args = dict(cgroup_root=node.root, pod_logs_path=str(node.logs), kubelet_pods_path=str(node.kpods),
+                projected_volume_pattern="kubernetes.io~projected",
                 kubelet_cgroups=["kubelet.service"], kubelet_executables=["kubelet"],
                 maps=FakeMaps() if maps is None else maps)
     args.update(kw)
@@ -358,6 +359,7 @@ from tapio_node.pods.registry import PodRegistry
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 root, logs, kpods, uid, uid2, cid, cid2, uid3 = sys.argv[2:]
 reg = PodRegistry(cgroup_root=root, pod_logs_path=logs, kubelet_pods_path=kpods,
+                  projected_volume_pattern="kubernetes.io~projected",
                   kubelet_cgroups=["kubelet.service"], kubelet_executables=["kubelet"])
 reg.start()
 reg.resync()

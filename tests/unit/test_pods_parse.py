@@ -189,6 +189,7 @@ def tree(tmp_path):
 def _registry(tree, **kw):
     root, logs, kpods = tree
     args = dict(cgroup_root=str(root), pod_logs_path=str(logs), kubelet_pods_path=str(kpods),
+                projected_volume_pattern="kubernetes.io~projected",
                 kubelet_cgroups=["kubelet.service"], kubelet_executables=["kubelet"],
                 maps=FakeMaps(), metrics=FakeMetrics())
     args.update(kw)
@@ -292,8 +293,8 @@ def test_hostile_names_are_skipped_and_logged_once(tree, caplog):
         reg.close()
 
 
-def _sa_volume(kpods, uid, namespace: bytes, vol="kube-api-access-x7k2p"):
-    d = kpods / uid / "volumes/kubernetes.io~projected" / vol
+def _sa_volume(kpods, uid, namespace: bytes, vol="kube-api-access-x7k2p", plugin="kubernetes.io~projected"):
+    d = kpods / uid / "volumes" / plugin / vol
     ts = d / "..2026_11_25_10_00_00.123456789"
     ts.mkdir(parents=True)
     (ts / "namespace").write_bytes(namespace)
@@ -315,6 +316,28 @@ def test_namespace_from_the_service_account_volume(tree):
         assert metrics.ops.get("namespace_file") == 1
     finally:
         reg.close()
+
+
+def test_service_account_volume_under_the_configured_projected_pattern(tree):
+    """projected_volume_pattern names the kubelet's projected volume dir:
+    the namespace is read there, and not from the default dir."""
+    _, _, kpods = tree
+    uid2 = str(uuid.uuid4())
+    _sa_volume(kpods, UID, b"payments", plugin="example.com~projected")
+    _sa_volume(kpods, uid2, b"elsewhere")      # the default dir: not what this node uses
+    reg = _registry(tree, projected_volume_pattern="example.com~projected")
+    try:
+        reg.start()
+        assert reg.pod_names(UID) == ("payments", None)
+        assert reg.pod_names(uid2) == (None, None)
+    finally:
+        reg.close()
+
+
+@pytest.mark.parametrize("pattern", ["", ".", "..", "a/b", None])
+def test_projected_volume_pattern_must_be_a_dir_name(tree, pattern):
+    with pytest.raises(ValueError, match="projected_volume_pattern"):
+        _registry(tree, projected_volume_pattern=pattern)
 
 
 def test_only_the_service_account_volume_names_the_namespace(tree):
@@ -360,6 +383,7 @@ def test_roots_that_do_not_exist_yet_are_waited_for(tmp_path):
     root = tmp_path / "later/cgroup"
     logs = tmp_path / "later/logs"
     reg = PodRegistry(cgroup_root=str(root), pod_logs_path=str(logs), kubelet_pods_path=str(tmp_path / "k"),
+                      projected_volume_pattern="kubernetes.io~projected",
                       kubelet_cgroups=[], kubelet_executables=[], maps=FakeMaps())
     try:
         reg.start()
