@@ -225,7 +225,7 @@ class Daemon:
 
     def _start_pods(self) -> None:
         try:
-            from tapio_node.pods import PodRegistry
+            from tapio_node.pods.registry import PodRegistry
         except ImportError:
             log.warning("pod correlation unavailable in this build")
             return
@@ -239,6 +239,7 @@ class Daemon:
         self.pods = PodRegistry(
             cgroup_root=root, pod_logs_path=self.kc.pod_logs_path,
             kubelet_pods_path=self.kc.kubelet_pods_path,
+            projected_volume_pattern=self.kc.projected_volume_pattern,
             kubelet_cgroups=self.kc.kubelet_cgroups,
             kubelet_executables=self.kc.kubelet_executables,
             maps=KernelMaps(self.kernel), metrics=self.metrics)
@@ -481,7 +482,7 @@ class Daemon:
             self.sink.emit(self.attribution.syscall(rec), 1, first, first)
         return rec.count
 
-    # -- API for other collectors (the seed's AddContainerPID, AddPodInfo,
+    # -- API for other collectors (AddContainerPID, AddPodInfo,
     # AddMountInfo). Call from the loop's thread, or with the loop stopped.
     def add_container_pid(self, pid: int) -> int:
         if self.pods is None:

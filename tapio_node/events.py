@@ -1,4 +1,4 @@
-"""The event JSON: the seed's fields, grown as the issues spell out.
+"""The event JSON: the documented fields, then the names and flags added to them.
 
 Events hold only strings, numbers and each other (no cycles), so they are
 not tracked by the garbage collector (gc=False): one per folded group
@@ -76,7 +76,7 @@ class AccessEvent(msgspec.Struct, kw_only=True, gc=False):
     path: str
     process: ProcessInfo
     cross_pod: bool | None
-    # Additions beyond the seed.
+    # Beyond the documented event: names from the pod spec, and flags.
     source_kind: str | None = None      # configmap/secret/serviceAccountToken/downwardAPI (pod spec)
     source_key: str | None = None       # the key in that object (differs from file under items[].path)
     service_account: str | None = None

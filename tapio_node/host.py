@@ -190,3 +190,40 @@ def cap_eff() -> int:
             if line.startswith("CapEff:"):
                 return int(line.split()[1], 16)
     return 0
+
+
+def cgroup_v2_path(data: bytes) -> str | None:
+    """The cgroup v2 path (relative to the mount) in the contents of a
+    /proc/<pid>/cgroup file; None when there is none or it climbs out."""
+    for line in data.split(b"\n"):
+        if line.startswith(b"0::"):
+            path = line[3:].decode("utf-8", "replace")
+            if path.endswith(" (deleted)"):
+                path = path[:-len(" (deleted)")]
+            if not path.startswith("/"):
+                return None
+            norm = os.path.normpath(path)
+            return None if ".." in norm.split("/") else norm
+    return None
+
+
+def cgroup_procs(cgroup_dir: str) -> list[int]:
+    """The pids in a cgroup dir's cgroup.procs; [] when it cannot be read."""
+    try:
+        with open(cgroup_dir + "/cgroup.procs", "rb") as f:
+            data = f.read(1 << 20)
+    except OSError:
+        return []
+    return [int(x) for x in data.split() if x.isdigit()]
+
+
+def stat_is_dir(st: os.stat_result) -> bool:
+    return (st.st_mode & 0o170000) == 0o040000
+
+
+def is_real_dir(path: str) -> bool:
+    """A directory, not a symlink to one."""
+    try:
+        return stat_is_dir(os.stat(path, follow_symlinks=False))
+    except OSError:
+        return False

@@ -66,3 +66,11 @@ _SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 def name_suffix(n: int = 5) -> str:
     """A random suffix as the API server appends to generated names."""
     return "".join(secrets.choice(_SUFFIX_ALPHABET) for _ in range(n))
+
+
+_CONTAINER_ID_RE = re.compile(r"[0-9a-f]{64}\Z")
+
+
+def valid_container_id(cid: object) -> bool:
+    """64 lowercase hex characters, without a runtime prefix."""
+    return isinstance(cid, str) and _CONTAINER_ID_RE.match(cid) is not None

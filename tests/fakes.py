@@ -1,7 +1,7 @@
 """Test doubles and helpers shared by unit and kernel tests."""
 import select
 
-from tapio_node.pods import pack_pod_info
+from tapio_node.pods.info import pack_pod_info
 
 
 class FakeMaps:

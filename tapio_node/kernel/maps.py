@@ -19,7 +19,7 @@ class KernelMaps:
         self._pids = kernel.maps["container_pids"]
 
     def put_pod_info(self, cgroup_id: int, info) -> None:
-        from tapio_node.pods import pack_pod_info
+        from tapio_node.pods.info import pack_pod_info
 
         self._pods.update(wire.U64.pack(cgroup_id), pack_pod_info(info))
 

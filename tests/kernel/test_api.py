@@ -12,7 +12,7 @@ import yaml
 
 from tapio_node.config import parse_config
 from tapio_node.daemon import Daemon
-from tapio_node.pods import PodInfo
+from tapio_node.pods.info import PodInfo
 from tapio_node.sim.node import VolumeSpec
 from tapio_node.volumes import MountInfo
 

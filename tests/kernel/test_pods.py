@@ -17,7 +17,9 @@ import uuid
 
 import pytest
 
-from tapio_node.pods import Accessor, PodInfo, PodRegistry, detect_cgroup_root, unpack_pod_info
+from tapio_node.host import cgroup2_root
+from tapio_node.pods.info import Accessor, PodInfo, unpack_pod_info
+from tapio_node.pods.registry import PodRegistry
 from tests.fakes import FakeMaps, drain
 
 pytestmark = pytest.mark.kernel
@@ -87,7 +89,7 @@ class Node:
 def node(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("requires root (creates cgroups)")
-    mount = detect_cgroup_root()
+    mount = cgroup2_root()
     if mount is None:
         pytest.skip("requires a cgroup v2 mount")
     n = Node(mount, tmp_path)
@@ -98,6 +100,7 @@ def node(tmp_path):
 
 def registry(node, maps=None, **kw):
     args = dict(cgroup_root=node.root, pod_logs_path=str(node.logs), kubelet_pods_path=str(node.kpods),
+                projected_volume_pattern="kubernetes.io~projected",
                 kubelet_cgroups=["kubelet.service"], kubelet_executables=["kubelet"],
                 maps=FakeMaps() if maps is None else maps)
     args.update(kw)
@@ -138,11 +141,11 @@ def test_both_drivers_every_runtime(node):
     conmon = node.mkdir(os.path.relpath(pods[conmon_uid][6], node.root) + f"/crio-conmon-{secrets.token_hex(32)}.scope")
     conmon_proc = node.run_in(conmon)
     host = node.run_in(node.mkdir("system.slice/cron.service"))
-    reg = registry(node)
+    maps = FakeMaps()
+    reg = registry(node, maps=maps)
     try:
         reg.start()
         assert reg.pods() == len(pods)
-        maps = reg._maps
         for uid, (ns, name, qos, cdir, cid, proc, pdir) in pods.items():
             cgid = ino(cdir)
             assert reg.accessor(cgid, proc.pid, "sleep") == Accessor(cid, uid, ns, name, None)
@@ -172,7 +175,8 @@ def test_both_drivers_every_runtime(node):
 @pytest.mark.parametrize("driver", ["systemd", "cgroupfs"])
 def test_containers_after_start_through_inotify(node, driver):
     node.mkdir("kubepods.slice/kubepods-burstable.slice" if driver == "systemd" else "kubepods/burstable")
-    reg = registry(node)
+    maps = FakeMaps()
+    reg = registry(node, maps=maps)
     try:
         reg.start()
         assert reg.pods() == 0
@@ -185,7 +189,7 @@ def test_containers_after_start_through_inotify(node, driver):
         cgid = ino(cdir)
         assert drain(reg, lambda: reg.accessor(cgid, proc.pid, "sleep").container_id == cid)
         print(f"{driver}: container attributed {1000 * (time.monotonic() - t0):.1f} ms after mkdir")
-        assert reg._maps.pids.get(proc.pid) == cgid
+        assert maps.pids.get(proc.pid) == cgid
         (node.logs / f"late_web_{uid}").mkdir()
         assert drain(reg, lambda: reg.accessor(cgid, proc.pid, "sleep").pod_name == "web")
         # a second container of the same pod
@@ -198,12 +202,12 @@ def test_containers_after_start_through_inotify(node, driver):
         cg2 = ino(cdir2)
         os.rmdir(cdir)
         os.rmdir(cdir2)
-        assert drain(reg, lambda: cgid not in reg._maps.pod_info and cg2 not in reg._maps.pod_info)
+        assert drain(reg, lambda: cgid not in maps.pod_info and cg2 not in maps.pod_info)
         assert reg.accessor(cgid, proc.pid, "sleep").pod_uid is None
-        assert proc.pid not in reg._maps.pids
+        assert proc.pid not in maps.pids
         os.rmdir(os.path.join(node.root, pod_rel))
         assert drain(reg, lambda: reg.pods() == 0)
-        assert reg._maps.pod_info == {}
+        assert maps.pod_info == {}
     finally:
         reg.close()
 
@@ -236,7 +240,8 @@ def test_hostile_cgroup_names_are_skipped(node, caplog):
 def test_add_container_pid_and_add_pod_info(node):
     uid = str(uuid.uuid4())
     node.mkdir("kubepods")
-    reg = registry(node)
+    maps = FakeMaps()
+    reg = registry(node, maps=maps)
     try:
         reg.start()
         cid = secrets.token_hex(32)
@@ -244,7 +249,7 @@ def test_add_container_pid_and_add_pod_info(node):
         proc = node.run_in(cdir)
         # before inotify is read: the API resolves the cgroup itself
         assert reg.add_container_pid(proc.pid) == ino(cdir)
-        assert reg._maps.pids[proc.pid] == ino(cdir)
+        assert maps.pids[proc.pid] == ino(cdir)
         assert reg.accessor(ino(cdir), proc.pid, "sleep").container_id == cid
         host = node.run_in(node.mkdir("system.slice/sshd.service"))
         with pytest.raises(ValueError, match="not a pod or container cgroup"):
@@ -351,10 +356,11 @@ def test_real_bpf_maps(node, request):
 _AS_NOBODY = r"""
 import json, logging, os, sys
 sys.path.insert(0, sys.argv[1])
-from tapio_node.pods import PodRegistry
+from tapio_node.pods.registry import PodRegistry
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 root, logs, kpods, uid, uid2, cid, cid2, uid3 = sys.argv[2:]
 reg = PodRegistry(cgroup_root=root, pod_logs_path=logs, kubelet_pods_path=kpods,
+                  projected_volume_pattern="kubernetes.io~projected",
                   kubelet_cgroups=["kubelet.service"], kubelet_executables=["kubelet"])
 reg.start()
 reg.resync()
@@ -415,7 +421,7 @@ def test_auto_root_finds_a_kubepods_tree_below_the_mount(node):
     reg = registry(node, cgroup_root="auto")
     try:
         reg.start()
-        assert reg.cgroup_root == detect_cgroup_root()
+        assert reg.cgroup_root == cgroup2_root()
         assert reg.accessor(ino(cdir), proc.pid, "sleep").container_id == cid
         assert reg.add_container_pid(proc.pid) == ino(cdir)
     finally:

@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import msgspec
 import pytest
 
-from tapio_node import events as ev, wire
+from tapio_node import events as ev
+from tapio_node.kernel import wire
 from tapio_node.attribution import Attributor, count_access, overflow_record
 from tapio_node.metrics import Metrics
 from tapio_node.kernel.records import AccessRecord, SyscallRecord

@@ -11,9 +11,10 @@ import uuid
 
 import pytest
 
-from tapio_node import pods
-from tapio_node.pods import (Accessor, PodInfo, PodRegistry, parse_cgroup_path, parse_log_dir,
-                             pack_pod_info, unpack_pod_info)
+from tapio_node.pods.cgroupnames import parse_cgroup_path
+from tapio_node.pods.info import QOS, Accessor, PodInfo, pack_pod_info, unpack_pod_info
+from tapio_node.pods.names import parse_log_dir
+from tapio_node.pods.registry import PodRegistry
 from tests.fakes import FakeMaps, drain as _drain_registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -162,7 +163,7 @@ def test_pod_info_validation(kwargs, field):
 def test_pod_info_minimal_and_qos_numbers():
     info = PodInfo(UID, None, None)
     assert (info.container_id, info.created_at, info.qos) == (None, 0, None)
-    assert pods.QOS == {"guaranteed": 1, "burstable": 2, "besteffort": 3}
+    assert QOS == {"guaranteed": 1, "burstable": 2, "besteffort": 3}
 
 
 # ---------------------------------------------------------------- registry on a dir tree
@@ -188,6 +189,7 @@ def tree(tmp_path):
 def _registry(tree, **kw):
     root, logs, kpods = tree
     args = dict(cgroup_root=str(root), pod_logs_path=str(logs), kubelet_pods_path=str(kpods),
+                projected_volume_pattern="kubernetes.io~projected",
                 kubelet_cgroups=["kubelet.service"], kubelet_executables=["kubelet"],
                 maps=FakeMaps(), metrics=FakeMetrics())
     args.update(kw)
@@ -203,7 +205,8 @@ def test_registry_scan_names_and_maps(tree):
     ctr.mkdir(parents=True)
     (ctr / "cgroup.procs").write_text("4242\n4243\n")
     (logs / f"shop_cart-5d9f_{UID}").mkdir()
-    reg = _registry(tree)
+    maps, metrics = FakeMaps(), FakeMetrics()
+    reg = _registry(tree, maps=maps, metrics=metrics)
     try:
         reg.start()
         cgid = os.stat(ctr).st_ino
@@ -212,14 +215,13 @@ def test_registry_scan_names_and_maps(tree):
         assert reg.pods() == 1 and reg.pod_names(UID) == ("shop", "cart-5d9f")
         # the SA volume's namespace file is opened only when the logs dir
         # does not name the pod (that open is itself a watched access)
-        assert "namespace_file" not in reg._metrics.ops
-        maps = reg._maps
+        assert "namespace_file" not in metrics.ops
         assert unpack_pod_info(maps.pod_info[cgid]) == PodInfo(
             UID, "shop", "cart-5d9f", CID, unpack_pod_info(maps.pod_info[cgid]).created_at, "burstable")
         assert maps.pids == {4242: cgid, 4243: cgid}
         host = reg.accessor(1, os.getpid(), "bash")
         assert host == Accessor(None, None, None, None, None)
-        assert reg._metrics.ops["cgroup_lookup"] == 3 and reg._metrics.ops["cgroup_lookup_miss"] == 1
+        assert metrics.ops["cgroup_lookup"] == 3 and metrics.ops["cgroup_lookup_miss"] == 1
         assert reg.resync() == 0
         # a map entry lost or changed behind our back is repaired and counted
         del maps.pod_info[cgid]
@@ -233,7 +235,8 @@ def test_registry_scan_names_and_maps(tree):
 def test_registry_follows_new_and_removed_cgroups_and_log_dirs(tree):
     root, logs, _ = tree
     (root / "kubepods/besteffort").mkdir(parents=True)
-    reg = _registry(tree)
+    maps, metrics = FakeMaps(), FakeMetrics()
+    reg = _registry(tree, maps=maps, metrics=metrics)
     try:
         reg.start()
         assert reg.pods() == 0
@@ -246,15 +249,15 @@ def test_registry_follows_new_and_removed_cgroups_and_log_dirs(tree):
         assert reg.accessor(cgid, 1, "a").namespace is None
         (logs / f"team-a_api_{UID}").mkdir()
         assert drain(reg, lambda: reg.accessor(cgid, 1, "a").pod_name == "api")
-        assert unpack_pod_info(reg._maps.pod_info[cgid]).namespace == "team-a"
-        reg._maps.pids[777] = cgid
+        assert unpack_pod_info(maps.pod_info[cgid]).namespace == "team-a"
+        maps.pids[777] = cgid
         ctr.rmdir()
-        assert drain(reg, lambda: cgid not in reg._maps.pod_info)
+        assert drain(reg, lambda: cgid not in maps.pod_info)
         assert reg.accessor(cgid, 1, "a").pod_uid is None
-        assert 777 not in reg._maps.pids
+        assert 777 not in maps.pids
         (root / f"kubepods/besteffort/pod{UID}").rmdir()
         assert drain(reg, lambda: reg.pods() == 0)
-        assert reg._maps.pod_info == {}
+        assert maps.pod_info == {}
     finally:
         reg.close()
 
@@ -274,12 +277,13 @@ def test_hostile_names_are_skipped_and_logged_once(tree, caplog):
     (logs / f"Bad_Name_{UID}").mkdir()
     (logs / f"ns_{'a' * 180}-_{UID}").mkdir()
     (logs / f"ns_web_{UID}").write_text("a file, not a dir")
-    reg = _registry(tree)
+    maps, metrics = FakeMaps(), FakeMetrics()
+    reg = _registry(tree, maps=maps, metrics=metrics)
     try:
         with caplog.at_level(logging.WARNING, logger="tapio_node.pods"):
             reg.start()
             reg.resync()
-        assert reg.pods() == 0 and reg._maps.pod_info == {}
+        assert reg.pods() == 0 and maps.pod_info == {}
         assert reg.pod_names(UID) == (None, None)
         lines = [r.getMessage() for r in caplog.records]
         for needle in ("podNOT_A_UID", "x" * 255, f"default_evil_{UID}", "Bad_Name", "a" * 180 + "-", "ns_web_"):
@@ -289,8 +293,8 @@ def test_hostile_names_are_skipped_and_logged_once(tree, caplog):
         reg.close()
 
 
-def _sa_volume(kpods, uid, namespace: bytes, vol="kube-api-access-x7k2p"):
-    d = kpods / uid / "volumes/kubernetes.io~projected" / vol
+def _sa_volume(kpods, uid, namespace: bytes, vol="kube-api-access-x7k2p", plugin="kubernetes.io~projected"):
+    d = kpods / uid / "volumes" / plugin / vol
     ts = d / "..2026_11_25_10_00_00.123456789"
     ts.mkdir(parents=True)
     (ts / "namespace").write_bytes(namespace)
@@ -302,15 +306,38 @@ def _sa_volume(kpods, uid, namespace: bytes, vol="kube-api-access-x7k2p"):
 def test_namespace_from_the_service_account_volume(tree):
     _, _, kpods = tree
     _sa_volume(kpods, UID, b"payments")
-    reg = _registry(tree)
+    maps, metrics = FakeMaps(), FakeMetrics()
+    reg = _registry(tree, maps=maps, metrics=metrics)
     try:
         reg.start()
         assert reg.pod_names(UID) == ("payments", None)
-        assert reg._metrics.ops.get("namespace_file") == 1
+        assert metrics.ops.get("namespace_file") == 1
         assert reg.pod_names(UID) == ("payments", None)   # cached
-        assert reg._metrics.ops.get("namespace_file") == 1
+        assert metrics.ops.get("namespace_file") == 1
     finally:
         reg.close()
+
+
+def test_service_account_volume_under_the_configured_projected_pattern(tree):
+    """projected_volume_pattern names the kubelet's projected volume dir:
+    the namespace is read there, and not from the default dir."""
+    _, _, kpods = tree
+    uid2 = str(uuid.uuid4())
+    _sa_volume(kpods, UID, b"payments", plugin="example.com~projected")
+    _sa_volume(kpods, uid2, b"elsewhere")      # the default dir: not what this node uses
+    reg = _registry(tree, projected_volume_pattern="example.com~projected")
+    try:
+        reg.start()
+        assert reg.pod_names(UID) == ("payments", None)
+        assert reg.pod_names(uid2) == (None, None)
+    finally:
+        reg.close()
+
+
+@pytest.mark.parametrize("pattern", ["", ".", "..", "a/b", None])
+def test_projected_volume_pattern_must_be_a_dir_name(tree, pattern):
+    with pytest.raises(ValueError, match="projected_volume_pattern"):
+        _registry(tree, projected_volume_pattern=pattern)
 
 
 def test_only_the_service_account_volume_names_the_namespace(tree):
@@ -356,6 +383,7 @@ def test_roots_that_do_not_exist_yet_are_waited_for(tmp_path):
     root = tmp_path / "later/cgroup"
     logs = tmp_path / "later/logs"
     reg = PodRegistry(cgroup_root=str(root), pod_logs_path=str(logs), kubelet_pods_path=str(tmp_path / "k"),
+                      projected_volume_pattern="kubernetes.io~projected",
                       kubelet_cgroups=[], kubelet_executables=[], maps=FakeMaps())
     try:
         reg.start()
@@ -393,7 +421,8 @@ def test_kubelet_is_recognised(tree):
 
 
 def test_api_validation(tree):
-    reg = _registry(tree)
+    maps, metrics = FakeMaps(), FakeMetrics()
+    reg = _registry(tree, maps=maps, metrics=metrics)
     try:
         reg.start()
         for bad in (0, -1, True, "12", 2**22 + 2, 1.0):
@@ -410,11 +439,11 @@ def test_api_validation(tree):
         info = PodInfo(UID, "ns", "p", CID, 5, "besteffort")
         reg.add_pod_info(7, info)
         assert reg.accessor(7, 1, "x") == Accessor(CID, UID, "ns", "p", None)
-        assert unpack_pod_info(reg._maps.pod_info[7]) == info
+        assert unpack_pod_info(maps.pod_info[7]) == info
         assert reg.pods() == 1
         # kept across a resync although no dir carries that id
         reg.resync()
-        assert 7 in reg._maps.pod_info
+        assert 7 in maps.pod_info
     finally:
         reg.close()
 
