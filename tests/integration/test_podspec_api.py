@@ -18,7 +18,7 @@ from kube_api_server import KubeAPIServer, TestPKI, free_port, write_kubeconfig
 from tapio_node import podspec
 from tapio_node.podspec import KeySource, PodSpecs
 
-prometheus_client = pytest.importorskip("prometheus_client")
+import prometheus_client
 
 FIX = os.path.join(os.path.dirname(__file__), "..", "fixtures", "podspec")
 NODE = "tapio-test-node"
@@ -401,7 +401,8 @@ def test_unusable_kubeconfig_is_named(tmp_path, monkeypatch, content, expect):
 
 
 def test_from_config_with_the_daemons_config(api, pki, client_cert, tmp_path):
-    config = pytest.importorskip("tapio_node.config")
+    from tapio_node import config
+
     srv = populated(api()).start()
     kc_path = write_kubeconfig(str(tmp_path / "kc"), srv.url, pki.ca, cert=client_cert)
     cfg_file = tmp_path / "tapio.yaml"
@@ -457,7 +458,8 @@ def test_resource_version_from_the_future_falls_back_to_a_fresh_list(api, specs,
 
 
 def test_metrics_on_the_daemons_registry_survive_a_second_instance(specs, tmp_path, monkeypatch):
-    metrics = pytest.importorskip("tapio_node.metrics")
+    from tapio_node import metrics
+
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     m = metrics.Metrics()
     # A SIGHUP reload builds a new PodSpecs on the same registry: no duplicate-series error.

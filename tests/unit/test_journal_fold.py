@@ -164,10 +164,8 @@ def test_bad_window():
 
 
 def test_optional_event_fields():
-    try:
-        from tapio_node.events import Workload
-    except ImportError:
-        pytest.skip("tapio_node.events has no Workload yet")
+    from tapio_node.events import Workload
+
     ev = make_event()
     ev.workload = Workload(kind="Deployment", name="web")
     ev.service_account = "web-sa"
