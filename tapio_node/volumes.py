@@ -256,18 +256,19 @@ class VolumeIndex:
             self._watch(self.pods_path, DIR_MASK, ("root",))
             self.root_present = True
         uids = self._list_dirs(self.pods_path)
-        seen = set()
-        for n, uid in enumerate(uids):
-            if not k8snames.valid_pod_uid(uid):
-                self._skip(os.path.join(self.pods_path, uid), "not a pod UID")
-                continue
-            seen.add(uid)
-            changes += self.scan_pod(uid)
-            if progress is not None and (n % 100 == 99 or n == len(uids) - 1):
-                progress(n + 1, len(uids), len(self.files))
+        seen = {uid for uid in uids if k8snames.valid_pod_uid(uid)}
+        # Gone pods first: the room they free is there for the volumes
+        # scanned below (one waiting for room would wait a resync more).
         for vol in list(self.volumes.values()):
             if vol.pod_uid not in seen and vol.path.startswith(self.pods_path + "/"):
                 changes += self._remove_volume(vol)
+        for n, uid in enumerate(uids):
+            if uid not in seen:
+                self._skip(os.path.join(self.pods_path, uid), "not a pod UID")
+                continue
+            changes += self.scan_pod(uid)
+            if progress is not None and (n % 100 == 99 or n == len(uids) - 1):
+                progress(n + 1, len(uids), len(self.files))
         return changes
 
     def _list_dirs(self, path: str) -> list[str]:

@@ -30,11 +30,29 @@ def _kernel_skips_fail() -> bool:
     return os.environ.get("TAPIO_REQUIRE_KERNEL") == "1" or os.environ.get("CI") == "true"
 
 
+def _fail_skip(report) -> None:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    report.outcome = "failed"
+    report.longrepr = f"kernel test skipped where it must run (TAPIO_REQUIRE_KERNEL/CI): {reason}"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and _kernel_skips_fail() and item.get_closest_marker("kernel"):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        report.outcome = "failed"
-        report.longrepr = f"kernel test skipped where it must run (TAPIO_REQUIRE_KERNEL/CI): {reason}"
+    # An xfail is reported as skipped too; it is not a test that did not run.
+    if (report.skipped and not hasattr(report, "wasxfail") and _kernel_skips_fail()
+            and item.get_closest_marker("kernel")):
+        _fail_skip(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    # A kernel test module that skips as a whole (a module-level skip) never
+    # reaches pytest_runtest_makereport.
+    outcome = yield
+    report = outcome.get_result()
+    kernel_dir = os.path.join(REPO_ROOT, "tests", "kernel") + os.sep
+    if report.skipped and _kernel_skips_fail() and str(collector.fspath).startswith(kernel_dir):
+        _fail_skip(report)

@@ -5,7 +5,10 @@ load BPF; ``sim_node`` needs root and cgroup v2 only.
 """
 
 import os
+import shutil
 import socket
+import sys
+import tempfile
 
 import pytest
 
@@ -107,3 +110,60 @@ def notify_socket(tmp_path):
     sock.settimeout(0.2)
     yield path, sock
     sock.close()
+
+
+# Imports the package (a world-readable copy) and its dependencies as root,
+# then becomes nobody/nogroup like `setpriv --reuid=nobody --regid=nogroup
+# --clear-groups`, and runs `-m module args...` or `-c code args...`.
+# Nothing is imported from the checkout or the venv after the switch, so
+# neither needs to be readable by nobody (a clone under /root is not).
+_AS_NOBODY = r"""
+import ctypes, grp, importlib, os, pkgutil, pwd, runpy, sys
+top, mode, target, *args = sys.argv[1:]
+sys.path.insert(0, top)
+import tapio_node
+for m in pkgutil.walk_packages(tapio_node.__path__, "tapio_node."):
+    if not m.name.endswith(".__main__"):
+        importlib.import_module(m.name)
+for name in ("lightkube.config.kubeconfig", "lightkube.config.client_adapter",
+             "lightkube.core.exceptions", "httpx", "httpx2", "systemd.journal",
+             "prometheus_client.parser", "encodings.idna"):
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass
+uid, gid = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+os.setgroups([])
+os.setresgid(gid, gid, gid)
+os.setresuid(uid, uid, uid)   # drops every capability, as for setpriv
+ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)   # PR_SET_DUMPABLE: as after an exec
+if mode == "-m":
+    sys.argv = [target, *args]
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+else:
+    sys.argv = ["-c", *args]
+    exec(compile(target, "<as nobody>", "exec"), {"__name__": "__main__"})
+"""
+
+
+@pytest.fixture
+def as_nobody():
+    """``argv("-m", "tapio_node", "check", ...)`` or ``argv("-c", code, ...)``:
+    a command that runs this checkout's tapio_node as nobody, whatever the
+    permissions of the checkout and the venv."""
+    if os.geteuid() != 0:
+        pytest.skip("requires root (switches to nobody)")
+    top = tempfile.mkdtemp(prefix="tapio-test-nobody-")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    shutil.copytree(os.path.join(repo, "tapio_node"), os.path.join(top, "tapio_node"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for d, _dirs, files in os.walk(top):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
+
+    def argv(mode: str, target: str, *args: str) -> list[str]:
+        return [sys.executable, "-c", _AS_NOBODY, top, mode, target, *args]
+
+    yield argv
+    shutil.rmtree(top)

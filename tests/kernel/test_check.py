@@ -1,7 +1,7 @@
 """`tapio-node check` on this machine: it must report the real state, and its
 exit status must say whether the daemon could run.
 
-Run as root (the CI case) and as `nobody` via setpriv (capabilities gone).
+Run as root (the CI case) and as `nobody` (capabilities gone; the as_nobody fixture).
 """
 import os
 import shutil
@@ -60,10 +60,11 @@ def write_config(d, **overrides) -> str:
     return path
 
 
-def run_check(config, prefix=()):
+def run_check(config, as_nobody=None):
     env = dict(os.environ, PYTHONPATH=REPO, PYTHONDONTWRITEBYTECODE="1")
-    r = subprocess.run([*prefix, sys.executable, "-m", "tapio_node", "check", "--config", config],
-                       capture_output=True, text=True, timeout=120, cwd="/", env=env)
+    args = ("-m", "tapio_node", "check", "--config", config)
+    argv = as_nobody(*args) if as_nobody else [sys.executable, *args]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd="/", env=env)
     lines = {}
     for line in r.stdout.splitlines():
         mark, _, rest = line.partition(" ")
@@ -158,11 +159,9 @@ def test_preflight_empty_here(node_dirs):
     assert check.preflight(cfg) == []
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="requires setpriv (util-linux)")
-def test_as_nobody_fails_with_exit_1(node_dirs):
+def test_as_nobody_fails_with_exit_1(node_dirs, as_nobody):
     need_tracing()
-    prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-    r, lines = run_check(write_config(node_dirs), prefix=prefix)
+    r, lines = run_check(write_config(node_dirs), as_nobody)
     assert r.returncode == 1, r.stdout + r.stderr
     assert lines["running as root"][0] == check.WARN
     mark, detail = lines["capabilities (BPF)"]
@@ -178,14 +177,12 @@ def test_format_check():
     assert check.format_check(check.Check(name="a", ok=False, fatal=False, detail="d", fix="f")) == "⚠ a: d — fix: f"
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="requires setpriv (util-linux)")
-def test_daemon_refuses_with_the_same_reasons_as_check(node_dirs):
+def test_daemon_refuses_with_the_same_reasons_as_check(node_dirs, as_nobody):
     need_tracing()
     config = write_config(node_dirs)
-    prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-    _, lines = run_check(config, prefix=prefix)
+    _, lines = run_check(config, as_nobody)
     env = dict(os.environ, PYTHONPATH=REPO, PYTHONDONTWRITEBYTECODE="1")
-    r = subprocess.run([*prefix, sys.executable, "-m", "tapio_node", "run", "--config", config],
+    r = subprocess.run(as_nobody("-m", "tapio_node", "run", "--config", config),
                        capture_output=True, text=True, timeout=120, cwd="/", env=env)
     assert r.returncode == 1, r.stderr
     assert "cannot run the collector" in r.stderr

@@ -87,15 +87,12 @@ kill -TERM "$J"; wait "$J" || true; J=
 
 # Replays the ops with a fake clock so folding is deterministic.
 SENDER_PY = """
-import json, sys, types
+import json, sys
 sys.path.insert(0, {repo!r})
+import msgspec
+from tapio_node.events import AccessEvent
 from tapio_node.outputs.journal import JournalSink
-try:
-    from tapio_node.events import AccessEvent
-    import msgspec
-    decode = lambda raw: msgspec.json.decode(raw.encode(), type=AccessEvent)
-except ImportError:  # events.py not there yet: JournalSink only reads attributes
-    decode = lambda raw: json.loads(raw, object_hook=lambda d: types.SimpleNamespace(**d))
+decode = lambda raw: msgspec.json.decode(raw.encode(), type=AccessEvent)
 now = [1000.0]
 sink = JournalSink(window={window}, clock=lambda: now[0])
 assert sink.using_journald, "JournalSink did not find the namespace's journald socket"
@@ -405,7 +402,8 @@ def test_daemon_journal_output_end_to_end(sim_node, tmp_path):
     # A record of N > 1 distinct opens must span distinct first/last kernel times.
     multi = [r for r in recs if int(r["TAPIO_COUNT"]) > 1]
     assert multi
-    assert all(r["TAPIO_FIRST_SEEN"] < r["TAPIO_LAST_SEEN"] for r in multi)
+    assert all(r["TAPIO_FIRST_SEEN"] < r["TAPIO_LAST_SEEN"] for r in multi), \
+        [(r["TAPIO_COUNT"], r["TAPIO_FIRST_SEEN"], r["TAPIO_LAST_SEEN"]) for r in multi]
 
 
 @pytest.mark.usefixtures("require_root_bpf")

@@ -3,6 +3,7 @@ updates raced against readers, pods coming and going, cross-pod reads,
 inotify overflow, restart."""
 import json
 import os
+import struct
 import subprocess
 import threading
 import time
@@ -15,10 +16,29 @@ from tapio_node.sim.node import VolumeSpec
 pytestmark = pytest.mark.kernel
 
 
-def _pinned_count(pin_path, name):
+def _pinned_dump(pin_path, name):
     out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", os.path.join(pin_path, name)],
                          capture_output=True, text=True, check=True).stdout
-    return len(json.loads(out))
+    return json.loads(out)
+
+
+def _pinned_count(pin_path, name):
+    return len(_pinned_dump(pin_path, name))
+
+
+def _watched_files(pin_path):
+    """(kernel dev, ino) of every watched_inodes key (struct: u32 dev, u32 gen, u64 ino)."""
+    keys = (bytes(int(b, 16) for b in e["key"]) for e in _pinned_dump(pin_path, "watched_inodes"))
+    return {(dev, ino) for dev, _gen, ino in (struct.unpack("<IIQ", k) for k in keys)}
+
+
+def _files_of(pod, volume, keys):
+    """(kernel dev, ino) of a volume's current payload files."""
+    out = set()
+    for key in keys:
+        st = os.stat(os.path.join(pod.volume_dir(volume), "..data", key))
+        out.add((os.major(st.st_dev) << 20 | os.minor(st.st_dev), st.st_ino))
+    return out
 
 
 def _pod(node, ns="shop", name="web-0", **kw):
@@ -79,9 +99,20 @@ def test_map_follows_updates_and_pod_deletion(sim_node, daemon_factory):
         time.sleep(0.02)
     assert _pinned_count(pin, "watched_inodes") == before + 7
     pods_before = _pinned_count(pin, "pod_info_map")
+    keys = ("app.yaml", "conf.d/extra.yaml")
+    first_files = _files_of(first, "app-config", keys) | _files_of(first, "db-credentials", ("password",))
+    old = _files_of(second, "app-config", keys)
+    assert old <= _watched_files(pin)
     second.update_volume("app-config", {"app.yaml": b"new\n", "conf.d/extra.yaml": b"y\n"})
-    time.sleep(0.3)
-    assert _pinned_count(pin, "watched_inodes") == before + 7   # old payload gone, new in
+    new = _files_of(second, "app-config", keys)
+    assert new.isdisjoint(old)
+    deadline = time.monotonic() + 5
+    while not (new <= _watched_files(pin) and old.isdisjoint(_watched_files(pin))) \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    watched = _watched_files(pin)
+    assert new <= watched and old.isdisjoint(watched)   # old payload gone, new in
+    assert len(watched) == before + 7
     ctr.stop()
     sim_node.remove_pod(second)
     deadline = time.monotonic() + 5
@@ -93,7 +124,11 @@ def test_map_follows_updates_and_pod_deletion(sim_node, daemon_factory):
     assert _pinned_count(pin, "pod_info_map") < pods_before
     health = json.loads(d.get("/healthz")[1])
     assert health["status"] == "healthy"
-    assert first.uid  # the first pod is untouched
+    # The first pod is untouched: its files are still watched, its reads still its own.
+    assert first_files <= _watched_files(pin)
+    s = first.add_container("app").start_reader("/run/secrets/db-credentials/password").wait()
+    (e,) = d.wait_events(1, pred=lambda e: e["process"]["pid"] == s["pid"])
+    assert (e["pod_uid"], e["process"]["pod_uid"], e["pod_name"]) == (first.uid, first.uid, "web-0")
 
 
 def test_inode_reuse_is_never_misattributed(sim_node, daemon_factory, tmp_path):

@@ -355,10 +355,9 @@ def test_real_bpf_maps(node, request):
 
 _AS_NOBODY = r"""
 import json, logging, os, sys
-sys.path.insert(0, sys.argv[1])
 from tapio_node.pods.registry import PodRegistry
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
-root, logs, kpods, uid, uid2, cid, cid2, uid3 = sys.argv[2:]
+root, logs, kpods, uid, uid2, cid, cid2, uid3 = sys.argv[1:]
 reg = PodRegistry(cgroup_root=root, pod_logs_path=logs, kubelet_pods_path=kpods,
                   projected_volume_pattern="kubernetes.io~projected",
                   kubelet_cgroups=["kubelet.service"], kubelet_executables=["kubelet"])
@@ -371,14 +370,11 @@ print(json.dumps({"pods": reg.pods(), "pod_uid": a.pod_uid, "ns": a.namespace,
 """
 
 
-def test_permission_errors_are_skipped_not_fatal(tmp_path):
-    """As nobody (setpriv), over a tree with unreadable dirs: the readable
+def test_permission_errors_are_skipped_not_fatal(tmp_path, as_nobody):
+    """As nobody, over a tree with unreadable dirs: the readable
     pod is found, the rest is skipped with a log line, nothing raises."""
     import shutil
-    import sys
     import tempfile
-    if os.geteuid() != 0 or not shutil.which("setpriv"):
-        pytest.skip("requires root and setpriv (runs the registry as nobody)")
     base = tempfile.mkdtemp(prefix="tapio-pods-perm-")
     try:
         os.chmod(base, 0o755)
@@ -395,10 +391,7 @@ def test_permission_errors_are_skipped_not_fatal(tmp_path):
         os.chmod(f"{kpods}/{uid3}", 0o700)
         for d in (root, logs, kpods):
             os.chmod(d, 0o755)
-        r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                            sys.executable, "-c", _AS_NOBODY, os.path.dirname(os.path.dirname(
-                                os.path.dirname(os.path.abspath(__file__)))),
-                            root, logs, kpods, uid, uid2, cid, cid2, uid3],
+        r = subprocess.run(as_nobody("-c", _AS_NOBODY, root, logs, kpods, uid, uid2, cid, cid2, uid3),
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         import json

@@ -58,6 +58,7 @@ def test_sighup_applies_a_valid_config_and_keeps_the_old_on_error(sim_node, daem
     deadline = time.monotonic() + 5
     while not any("configuration reloaded" in line for line in d.stderr) and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert any("configuration reloaded" in line for line in d.stderr), "".join(d.stderr)
     s2 = ctr.start_reader("/run/config/app-config/app.yaml").wait()
     marker = ctr.start_reader("/run/secrets/certs/tls.key").wait()
     d.wait_events(1, pred=lambda e: e["process"]["pid"] == marker["pid"])

@@ -30,6 +30,31 @@ def _events_for(daemon, pid):
     return [e for e in daemon.lines if e["process"]["pid"] == pid]
 
 
+def _bpf_fds(pid):
+    """{"prog_id": {...}, "map_id": {...}, "link_id": {...}}: the BPF objects
+    the process `pid` holds file descriptors to (from /proc, not system-wide)."""
+    got = {"prog_id": set(), "map_id": set(), "link_id": set()}
+    fdinfo = f"/proc/{pid}/fdinfo"
+    for fd in os.listdir(fdinfo):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            with open(os.path.join(fdinfo, fd)) as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        kind = {"anon_inode:bpf-prog": "prog_id", "anon_inode:bpf-map": "map_id",
+                "anon_inode:bpf_link": "link_id"}.get(target)
+        if kind:
+            got[kind].add(int(fields[kind]))
+    return got
+
+
+def _bpftool_show(kind, ident):
+    """`bpftool -j <prog|map|link> show id N` as a dict, or None when the id is gone."""
+    r = subprocess.run(["bpftool", "-j", kind, "show", "id", str(ident)], capture_output=True, text=True)
+    return json.loads(r.stdout) if r.returncode == 0 else None
+
+
 def test_in_container_symlinked_key_path_exact_count(sim_node, daemon_factory):
     pod = _web_pod(sim_node)
     ctr = pod.add_container("nginx")
@@ -172,30 +197,52 @@ def test_healthz_metrics_and_clean_sigterm(sim_node, daemon_factory):
     d.settle()
     _, metrics = d.get("/metrics")
     text = metrics.decode()
-    ns = ""  # owner namespace unknown without pod correlation is labelled ""
-    found = {e.get("namespace") or ns for e in d.lines}
-    owner_ns = found.pop() if len(found) == 1 else "shop"
-    assert metric_value(text, "kernel_monitor_secret_access_total", secret="certs", namespace=owner_ns) == 7
+    # The namespace the test gave the pod, not one read back from the daemon.
+    assert {e["namespace"] for e in _events_for(d, s1["pid"]) + _events_for(d, s2["pid"])} == {"shop"}
+    assert metric_value(text, "kernel_monitor_secret_access_total", secret="certs", namespace="shop") == 7
     assert metric_value(text, "kernel_monitor_configmap_access_total", configmap="app-config",
-                        namespace=owner_ns) == 3
+                        namespace="shop") == 3
     assert json.loads(d.get("/healthz")[1])["events_processed"] >= 10
+    ours = _bpf_fds(d.proc.pid)
+    assert ours["prog_id"] and ours["link_id"] and ours["map_id"]
     rc, took = d.stop()
     assert rc == 0 and took < 5.0
-    out = subprocess.run(["bpftool", "prog", "list"], capture_output=True, text=True).stdout
-    # Our links are gone: no program of ours is left attached by this daemon.
+    # Everything this daemon loaded is gone from the kernel: links, programs, maps.
+    deadline = time.monotonic() + 5
+    left = ours
+    while time.monotonic() < deadline:
+        left = {kind: {i for i in ids if _bpftool_show(kind.split("_")[0], i) is not None}
+                for kind, ids in ours.items()}
+        if not any(left.values()):
+            break
+        time.sleep(0.1)
+    assert not any(left.values()), left
     assert not os.path.exists(os.path.join(d.config["pin_path"], "pod_info_map"))
 
 
 def test_bpftool_sees_program_and_maps(sim_node, daemon_factory):
+    """What the README's troubleshooting commands show, for this daemon's own
+    programs and maps (another tapio-node on the machine does not count)."""
+    ctr = _web_pod(sim_node).add_container("app")
     d = daemon_factory(sim_node.write_config())
-    progs = subprocess.run(["bpftool", "prog", "list"], capture_output=True, text=True, check=True).stdout
-    assert "trace_config_access" in progs
-    dump = subprocess.run(["bpftool", "map", "dump", "pinned",
-                           os.path.join(d.config["pin_path"], "pod_info_map")],
-                          capture_output=True, text=True)
+    ours = _bpf_fds(d.proc.pid)
+    progs = [_bpftool_show("prog", i) for i in sorted(ours["prog_id"])]
+    assert "trace_config_access" in {p["name"] for p in progs}, progs
+    # Each attached program of ours is one of the daemon's links.
+    links = [_bpftool_show("link", i) for i in sorted(ours["link_id"])]
+    assert {link["prog_id"] for link in links} <= ours["prog_id"]
+    assert {p["id"] for p in progs if p["name"] == "trace_config_access"} <= {link["prog_id"] for link in links}
+    names = {m["name"]: m["id"] for m in (_bpftool_show("map", i) for i in ours["map_id"])}
+    assert {"container_pids", "pod_info_map", "watched_inodes"} <= set(names), names
+    pinned = os.path.join(d.config["pin_path"], "pod_info_map")
+    shown = subprocess.run(["bpftool", "-j", "map", "show", "pinned", pinned],
+                           capture_output=True, text=True, check=True)
+    assert json.loads(shown.stdout)["id"] == names["pod_info_map"]
+    # The pod correlation entry of the container: keyed by its cgroup id (u64).
+    dump = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", pinned], capture_output=True, text=True)
     assert dump.returncode == 0, dump.stderr
-    maps = subprocess.run(["bpftool", "map", "list"], capture_output=True, text=True, check=True).stdout
-    assert "container_pids" in maps and "pod_info_map" in maps
+    keys = {int.from_bytes(bytes(int(b, 16) for b in e["key"]), "little") for e in json.loads(dump.stdout)}
+    assert ctr.cgroup_id in keys, (ctr.cgroup_id, keys)
 
 
 def test_bad_config_exits_2_naming_the_key(tmp_path):

@@ -4,10 +4,9 @@ import re
 from pathlib import Path
 
 import msgspec
-import pytest
 import yaml
 
-config = pytest.importorskip("tapio_node.config")
+from tapio_node import config
 
 CONFFILE = Path(__file__).resolve().parents[2] / "packaging" / "config.yaml"
 

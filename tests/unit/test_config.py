@@ -1,6 +1,6 @@
 import pytest
 
-from tapio_node.config import ConfigError, KernelCollector, parse_config, split_listen_address
+from tapio_node.config import ConfigError, KernelCollector, parse_config, split_listen_address, validate
 
 
 def test_kernel_collector_defaults():
@@ -100,4 +100,17 @@ def test_listen_address_forms():
     assert split_listen_address("127.0.0.1:9717") == ("127.0.0.1", 9717)
     assert split_listen_address("[::1]:9717") == ("::1", 9717)
     assert split_listen_address("0.0.0.0:0") == ("0.0.0.0", 0)
-    assert isinstance(KernelCollector(), KernelCollector)
+    assert split_listen_address("localhost:80") == ("localhost", 80)
+    for bad in ("127.0.0.1", ":9717", "127.0.0.1:65536", "127.0.0.1:http", "not-an-ip:9717"):
+        with pytest.raises(ValueError):
+            split_listen_address(bad)
+    with pytest.raises(ConfigError) as info:
+        parse_config("kernel_collector:\n  listen_address: ':9717'\n")
+    assert info.value.key == "kernel_collector.listen_address"
+
+
+def test_constructed_defaults_are_the_parsed_defaults_and_valid():
+    # The daemon builds KernelCollector() when no config file exists.
+    kc = KernelCollector()
+    assert kc == parse_config("").kernel_collector
+    validate(kc, None)

@@ -30,10 +30,27 @@ def test_clock_is_rfc3339_utc_now_not_1970():
     stamp = clock.rfc3339(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
     assert stamp.endswith("Z") and len(stamp) == len("2026-11-25T10:00:00.123456789Z")
     assert stamp[:4] == time.strftime("%Y", time.gmtime())
-    assert clock.rfc3339(5_000_000_001)[-11:] == ".000000001Z" or True
     a = clock.rfc3339(10**18)
     b = clock.rfc3339(10**18 + 1)
     assert a < b
+
+
+def test_clock_keeps_every_nanosecond_and_the_second_it_falls_in():
+    clock = ev.Clock()
+    # A fixed offset, so the expected strings do not depend on when the test runs.
+    clock.offset_ns = 1_767_225_600 * 10**9   # 2026-01-01T00:00:00Z
+    assert clock.rfc3339(5_000_000_001) == "2026-01-01T00:00:05.000000001Z"
+    assert clock.rfc3339(5_999_999_999) == "2026-01-01T00:00:05.999999999Z"
+    # The cached second prefix moves on with the second, both ways.
+    assert clock.rfc3339(6_000_000_000) == "2026-01-01T00:00:06.000000000Z"
+    assert clock.rfc3339(86_400 * 10**9) == "2026-01-02T00:00:00.000000000Z"
+    assert clock.rfc3339(5_000_000_001) == "2026-01-01T00:00:05.000000001Z"
+    assert clock.realtime_ns(5) == clock.offset_ns + 5
+    # The measured offset: now in monotonic time is now in real time.
+    clock.refresh()
+    mono = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    assert abs(clock.realtime_ns(mono) - time.clock_gettime_ns(time.CLOCK_REALTIME)) < 10**9
+    assert clock.rfc3339(mono + 1)[-10:-1] == f"{(mono + 1 + clock.offset_ns) % 10**9:09d}"
 
 
 def test_stdout_sink_writes_one_line_per_access_with_its_timestamp():

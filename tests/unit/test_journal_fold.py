@@ -6,37 +6,8 @@ import io
 
 import pytest
 
+from tapio_node.events import AccessEvent, ProcessInfo
 from tapio_node.outputs.journal import MESSAGE_IDS, JournalSink, record_fields
-
-try:
-    from tapio_node.events import AccessEvent, ProcessInfo
-except ImportError:  # events.py not there yet: the same field names
-    import msgspec
-
-    class ProcessInfo(msgspec.Struct, kw_only=True):
-        pid: int
-        command: str
-        cgroup_id: int = 0
-        container_id: str | None = None
-        pod_uid: str | None = None
-        namespace: str | None = None
-        pod_name: str | None = None
-        role: str | None = None
-
-    class AccessEvent(msgspec.Struct, kw_only=True):
-        event_type: str
-        timestamp: str
-        pod_uid: str
-        namespace: str | None
-        pod_name: str | None
-        config_name: str | None
-        config_name_source: str | None
-        volume_name: str
-        mount_path: str
-        file: str
-        path: str | None
-        process: ProcessInfo
-        cross_pod: bool | None = None
 
 OWNER_UID = "0b0c1d2e-0000-4000-8000-000000000001"
 OTHER_UID = "0b0c1d2e-0000-4000-8000-000000000002"
@@ -201,10 +172,8 @@ def test_bad_window():
 
 
 def test_optional_event_fields():
-    try:
-        from tapio_node.events import Workload
-    except ImportError:
-        pytest.skip("tapio_node.events has no Workload yet")
+    from tapio_node.events import Workload
+
     ev = make_event()
     ev.workload = Workload(kind="Deployment", name="web")
     ev.service_account = "web-sa"
