@@ -11,6 +11,8 @@ import os
 import re
 from typing import NamedTuple
 
+from tapio_node import accelerated
+
 MOUNTINFO = "/proc/self/mountinfo"
 BTF_PATH = "/sys/kernel/btf/vmlinux"
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -80,13 +82,7 @@ def _py_parse_mountinfo(data: bytes) -> list[tuple]:
     return out
 
 
-if os.environ.get("TAPIO_PURE_PYTHON"):
-    parse_mountinfo = _py_parse_mountinfo
-else:
-    try:
-        from tapio_node._fast import parse_mountinfo
-    except ImportError:  # extension not built: the twin is exact, only slower
-        parse_mountinfo = _py_parse_mountinfo
+parse_mountinfo = accelerated("parse_mountinfo", _py_parse_mountinfo)
 
 
 def read_proc(path: str) -> bytes:

@@ -6,7 +6,8 @@ this one everywhere (tests run both).
 """
 from __future__ import annotations
 
-import os
+
+from tapio_node import accelerated
 
 
 def _py_parse_volume_path(path: str, pods_root: str):
@@ -22,13 +23,7 @@ def _py_parse_volume_path(path: str, pods_root: str):
     return parts[0], parts[2], parts[3], key
 
 
-if os.environ.get("TAPIO_PURE_PYTHON"):
-    parse_volume_path = _py_parse_volume_path
-else:
-    try:
-        from tapio_node._fast import parse_volume_path
-    except ImportError:  # extension not built: the twin is exact, only slower
-        parse_volume_path = _py_parse_volume_path
+parse_volume_path = accelerated("parse_volume_path", _py_parse_volume_path)
 
 
 def key_from_dnames(dnames: tuple[str, ...]) -> str | None:

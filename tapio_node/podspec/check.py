@@ -6,15 +6,7 @@ import os
 import socket
 
 from tapio_node.config import KernelCollector, node_name_of
-from tapio_node.podspec.api import (
-    DEFAULT_KUBECONFIG,
-    SERVICE_ACCOUNT_DIR,
-    Gone,
-    SourceError,
-    api_client,
-    api_config,
-    list_pods,
-)
+from tapio_node.podspec import api
 from tapio_node.podspec.static import scan_manifests
 
 
@@ -27,7 +19,7 @@ def check(
     kubeconfig: str | None,
     node_name: str,
     in_cluster: bool | None = None,
-    service_account_dir: str = SERVICE_ACCOUNT_DIR,
+    service_account_dir: str = api.SERVICE_ACCOUNT_DIR,
     timeout: float = 5.0,
 ) -> list[CheckResult]:
     """For `tapio-node check`: which pod-spec sources work. Each item is (ok, text, fix)."""
@@ -49,18 +41,18 @@ def check(
 
     fix_creds = (
         f"set kernel_collector.kubeconfig to a kubeconfig allowed to list pods of node {node} "
-        f"(kubeadm nodes: {DEFAULT_KUBECONFIG}), or run as a DaemonSet whose service account may list/watch pods"
+        f"(kubeadm nodes: {api.DEFAULT_KUBECONFIG}), or run as a DaemonSet whose service account may list/watch pods"
     )
     try:
-        cfg, desc = api_config(kubeconfig=kubeconfig, in_cluster=in_cluster, service_account_dir=service_account_dir)
-    except SourceError as e:
+        cfg, desc = api.api_config(kubeconfig=kubeconfig, in_cluster=in_cluster, service_account_dir=service_account_dir)
+    except api.SourceError as e:
         out.append((False, f"pod specs from the API: {e}; events will name volumes, not ConfigMaps/Secrets", fix_creds))
         return out
     client = None
     try:
-        client = api_client(cfg, timeout=timeout)
-        pods, _ = list_pods(client, node)
-    except (SourceError, Gone) as e:
+        client = api.api_client(cfg, timeout=timeout)
+        pods, _ = api.list_pods(client, node)
+    except (api.SourceError, api.Gone) as e:
         reason = getattr(e, "reason", "")
         fix = {
             "http_401": "renew the client certificate or token in " + desc,

@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+from tapio_node import volumes
 from tapio_node.kernel import wire
 from tapio_node.volumes import MAX_KEY_DEPTH, MountInfo, VolumeIndex
 
