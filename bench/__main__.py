@@ -326,7 +326,7 @@ def main(argv=None):
     print("\nratios: median over rounds of (config / baseline of the same round); "
           "[min-max] of those ratios")
     print(report.fmt_other(result))
-    print("\ntargets (issue 6):")
+    print("\ntargets:")
     print(report.fmt_targets(tgt))
     for n in notes:
         print(f"note: {n}")

@@ -7,7 +7,7 @@ import os
 
 from bench.stats import median, spread, summarize
 
-# issue 6's targets: (what, config, how to read the value, limit, "<=" or ">=")
+# The targets: (what, config, how to read the value, limit, "<=" or ">=")
 MB = 1024 * 1024
 
 
@@ -141,7 +141,7 @@ def targets(summary, tput, counts, extra):
         out.append(check("update race missed opens", race.get("missed_opens"), 0, "<="))
         out.append(check("update race map current after update",
                          race.get("map_current_after_update_ms"), 100, "<=", " ms"))
-    # Hostile tenants (issue 13): nothing lost, memory bounded.
+    # Hostile tenants: nothing lost, memory bounded.
     for name, what in (("storm", "unfoldable-path storm"), ("overflow", "ring-buffer overflow")):
         sc = extra.get(name) or {}
         if sc:
@@ -307,7 +307,7 @@ def markdown(r, configs):
             s = r["micro"].get(c.name, {}).get(wl)
             cells.append("-" if not s else f"{fmt_ns(s['median'])} {fmt_ratio(s)}".strip())
         lines.append(f"| {c.name} ({c.note}) | " + " | ".join(cells) + " |")
-    lines += ["", "```", fmt_other(r).strip("\n"), "```", "", "Targets (issue 6):", "", "```",
+    lines += ["", "```", fmt_other(r).strip("\n"), "```", "", "Targets:", "", "```",
               fmt_targets(r["targets"]), "```"]
     if r.get("notes"):
         lines += [""] + [f"- {n}" for n in r["notes"]]

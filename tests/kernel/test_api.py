@@ -1,4 +1,4 @@
-"""The Python API other collectors use (the seed's AddContainerPID,
+"""The Python API other collectors use (AddContainerPID,
 AddPodInfo, AddMountInfo), against a daemon running in this process."""
 import json
 import os

@@ -1,5 +1,5 @@
 """Odd and hostile things under the kubelet pods dir: skipped with a log
-line, never followed out of the tree, never a crash (issue 4 item 6)."""
+line, never followed out of the tree, never a crash."""
 import json
 import os
 import shutil

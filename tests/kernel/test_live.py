@@ -1,4 +1,4 @@
-"""Issue 4 on this kernel: a node that changes under the daemon. Atomic
+"""On this kernel, a node that changes under the daemon. Atomic
 updates raced against readers, pods coming and going, cross-pod reads,
 inotify overflow, restart."""
 import json

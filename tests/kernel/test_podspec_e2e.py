@@ -1,4 +1,4 @@
-"""Issue 8 through the whole pipeline: real BPF, a simulated node, pod
+"""Pod specs through the whole pipeline: real BPF, a simulated node, pod
 specs from a local HTTPS Kubernetes API (the node's client certificate)
 or from static manifests."""
 import os

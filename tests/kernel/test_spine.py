@@ -1,4 +1,4 @@
-"""Issue 3, end to end on this kernel: real BPF, a kubelet-layout tree with
+"""End to end on this kernel: real BPF, a kubelet-layout tree with
 tmpfs secrets, pod processes in their own mount namespaces and cgroups."""
 import json
 import os

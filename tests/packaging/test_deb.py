@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Install the .deb on a clean Debian 12 root and use it (issue 7).
+"""Install the .deb on a clean Debian 12 root and use it.
 
     TAPIO_TEST_DEB=1 python -m pytest -m slow tests/packaging/test_deb.py
     python3 tests/packaging/test_deb.py          # the same, as a script
