@@ -15,6 +15,9 @@ import urllib.request
 import yaml
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Waits stretch by this factor where the kernel is emulated (the VM matrix
+# sets it under TCG): a wait that runs out there says nothing about the daemon.
+SLOWDOWN = float(os.environ.get("TAPIO_TEST_SLOWDOWN") or 1)
 
 
 class TapioProcess:
@@ -66,6 +69,7 @@ class TapioProcess:
             return exc.code, exc.read()
 
     def wait_ready(self, timeout: float = 30.0) -> dict:
+        timeout *= SLOWDOWN
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -81,7 +85,7 @@ class TapioProcess:
 
     def wait_events(self, n: int, timeout: float = 10.0, pred=None) -> list[dict]:
         """Wait until at least n (matching) events arrived; return them."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * SLOWDOWN
         with self._cond:
             while True:
                 got = [e for e in self.lines if pred is None or pred(e)]
@@ -91,7 +95,7 @@ class TapioProcess:
 
     def settle(self, quiet: float = 0.5, timeout: float = 10.0) -> list[dict]:
         """Wait until no new line arrived for `quiet` seconds."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * SLOWDOWN
         last = -1
         while time.monotonic() < deadline:
             with self._cond:
@@ -106,6 +110,7 @@ class TapioProcess:
         """SIGTERM; returns (exit code, seconds it took)."""
         if self.proc.poll() is not None:
             return self.proc.returncode, 0.0
+        timeout *= SLOWDOWN
         t0 = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
         try:

@@ -55,6 +55,9 @@ DEB_GLOB = os.path.join(REPO, "packaging", "build", "tapio-node_*.deb")
 SUBSET_NETWORK = {"packaging"}   # apt-get inside the Debian root
 VM_MEMORY = "2G"
 VM_CPUS = "2"
+# How much longer the tests' waits are under TCG (emulated, and sharing
+# this machine's cores with whatever else runs).
+TCG_SLOWDOWN = "4"
 KVM_PROBE_SECONDS = 60
 
 
@@ -181,6 +184,8 @@ def run_one(name: str, subset: str, append: str, timeout: float, log=_say) -> di
         k = kernels.BY_NAME[name]
         kernels.fetch(k, log=log)
         mode = accel(k, log=log)
+        if mode == "tcg":
+            guest.insert(guest.index("--"), f"--env=TAPIO_TEST_SLOWDOWN={TCG_SLOWDOWN}")
         argv = [_vng(), "-r", kernels.image_path(k), "--memory", SUBSET_MEMORY.get(subset, VM_MEMORY),
                 "--cpus", VM_CPUS,
                 "--rwdir", out]
