@@ -1,8 +1,6 @@
 """Test doubles and helpers shared by unit and kernel tests."""
 import select
 
-from tapio_node.pods.info import pack_pod_info
-
 
 class FakeMaps:
     """tapio_node.kernel.maps.KernelMaps' methods over dicts, for tests
@@ -12,8 +10,8 @@ class FakeMaps:
         self.pod_info: dict[int, bytes] = {}
         self.pids: dict[int, int] = {}
 
-    def put_pod_info(self, cgroup_id, info):
-        self.pod_info[cgroup_id] = pack_pod_info(info)
+    def put_pod_info(self, cgroup_id, packed):
+        self.pod_info[cgroup_id] = packed
 
     def delete_pod_info(self, cgroup_id):
         del self.pod_info[cgroup_id]

@@ -18,10 +18,9 @@ class KernelMaps:
         self._pods = kernel.maps["pod_info_map"]
         self._pids = kernel.maps["container_pids"]
 
-    def put_pod_info(self, cgroup_id: int, info) -> None:
-        from tapio_node.pods.info import pack_pod_info
-
-        self._pods.update(wire.U64.pack(cgroup_id), pack_pod_info(info))
+    def put_pod_info(self, cgroup_id: int, packed: bytes) -> None:
+        """packed: a struct tapio_pod_info (pods.info.pack_pod_info)."""
+        self._pods.update(wire.U64.pack(cgroup_id), packed)
 
     def delete_pod_info(self, cgroup_id: int) -> None:
         self._pods.delete(wire.U64.pack(cgroup_id))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Callable, Mapping
 
 from tapio_node.host import cgroup_procs
-from tapio_node.pods.info import PodInfo, unpack_pod_info
+from tapio_node.pods.info import PodInfo, pack_pod_info, unpack_pod_info
 from tapio_node.pods.oddnames import OddNames
 
 
@@ -23,7 +23,7 @@ class MapMirror:
         if self.maps is None:
             return
         try:
-            self.maps.put_pod_info(cgid, info)
+            self.maps.put_pod_info(cgid, pack_pod_info(info))
         except OSError as e:
             self._odd.skip(f"pod_info_map update failed ({e.strerror})", str(cgid))
 
