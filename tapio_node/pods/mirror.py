@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import Callable, Mapping
 
 from tapio_node.host import cgroup_procs
@@ -32,10 +33,8 @@ class MapMirror:
         self._removed.add(cgid)
         if self.maps is None:
             return
-        try:
+        with suppress(OSError, KeyError):   # already gone
             self.maps.delete_pod_info(cgid)
-        except (OSError, KeyError):
-            pass  # already gone
 
     def seed_pids(self, cgid: int, cgroup_dir: str) -> None:
         """The processes already in a cgroup found (the kernel programs see
@@ -63,10 +62,8 @@ class MapMirror:
             return
         for pid, cgid in self.maps.container_pid_items():
             if cgid in removed and cgid not in known:
-                try:
+                with suppress(OSError, KeyError):   # already gone
                     self.maps.delete_container_pid(pid)
-                except (OSError, KeyError):
-                    pass
 
     def sync(self, known: Mapping[int, str | None], want: Callable[[int], PodInfo],
              publish: Callable[[int], None]) -> int:
@@ -82,10 +79,8 @@ class MapMirror:
             present.add(cgid)
             if cgid not in known:
                 fixed += 1
-                try:
+                with suppress(OSError, KeyError):   # already gone
                     self.maps.delete_pod_info(cgid)
-                except (OSError, KeyError):
-                    pass
                 continue
             w = want(cgid)
             have = unpack_pod_info(bytes(raw))
@@ -102,10 +97,8 @@ class MapMirror:
         for pid, cgid in pids.items():
             if cgid not in known:
                 fixed += 1
-                try:
+                with suppress(OSError, KeyError):   # already gone
                     self.maps.delete_container_pid(pid)
-                except (OSError, KeyError):
-                    pass
         # Processes the kernel programs could not see (started before they
         # were attached, or while the map was full).
         for cgid, path in list(known.items()):

@@ -65,14 +65,8 @@ class PodNames:
 
     def attach(self) -> None:
         """Watch the logs dir, or wait for it to appear."""
-        if self._ok:
-            return
-        if is_real_dir(self.path):
-            self._ok = True
-            self._watches.stop_waiting(self.path)
-            self._watches.watch(self.path)
-        else:
-            self._watches.wait_for(self.path)
+        if not self._ok:
+            self._ok = self._watches.attach(self.path)
 
     def scan(self) -> int:
         """List the logs dir; the number of pods whose names changed."""

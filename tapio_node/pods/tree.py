@@ -56,15 +56,9 @@ class CgroupTree:
 
     def attach(self) -> None:
         """Watch the root, or wait for it to appear."""
-        if self._ok:
-            return
-        if is_real_dir(self.root):
+        if not self._ok and self._watches.attach(self.root):
             self._ok = True
-            self._watches.stop_waiting(self.root)
-            self._watches.watch(self.root)
             self._dirs[self.root] = self._root_ref
-        else:
-            self._watches.wait_for(self.root)
 
     def rescan(self) -> int:
         """Walk the whole tree; the number of dirs found changed or gone."""

@@ -85,6 +85,15 @@ class Watches:
         if first:
             self._log.warning("pods: %s does not exist yet; waiting for it", root)
 
+    def attach(self, root: str) -> bool:
+        """Watch root if it is a real dir (True); else wait for it to appear (False)."""
+        if not is_real_dir(root):
+            self.wait_for(root)
+            return False
+        self.stop_waiting(root)
+        self.watch(root)
+        return True
+
     def stop_waiting(self, root: str) -> None:
         wd, _ = self._waiting.pop(root, (None, ""))
         # The same dir may be watched for the other root or the tree.
