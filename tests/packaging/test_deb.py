@@ -54,6 +54,8 @@ CACHE = BUILD / "cache"
 # (in a matrix VM the checkout is read-only).
 WORKDIR = Path(os.environ.get("TAPIO_DEB_WORKDIR") or BUILD)
 SUITE = "bookworm"
+# Install from packages fetched ahead by --prepare (a matrix VM has no network).
+OFFLINE = os.environ.get("TAPIO_DEB_OFFLINE") == "1"
 # systemd: a node has it, and `systemd-analyze verify` needs it.
 INCLUDE = "systemd"
 VENV = "/opt/venvs/tapio-node"
@@ -191,6 +193,35 @@ def base_root_tarball():
     return tarball
 
 
+def apt_cache_tarball(deb, base):
+    """The package lists and every .deb that installing `deb` into the base
+    root needs, fetched once here: a matrix VM installs offline from them
+    (its user network's DNS is not something a test should depend on)."""
+    depends = run(["dpkg-deb", "-f", str(deb), "Depends"]).stdout.strip()
+    key = hashlib.sha256(f"{base.name} {depends}".encode()).hexdigest()[:12]
+    tarball = CACHE / f"{SUITE}-apt-{key}.tar"
+    if tarball.exists():
+        log(f"apt cache: cached {tarball.relative_to(TOP)}")
+        return tarball
+    if OFFLINE:
+        raise Failure(f"no {tarball.relative_to(TOP)}: run tests/packaging/test_deb.py --prepare "
+                      "on the host first (tests/vm/matrix.py does)")
+    root = tempfile.mkdtemp(prefix="apt-cache-root-", dir=CACHE)
+    try:
+        run(["tar", "-C", root, "--numeric-owner", "-xf", str(base)])
+        shutil.copy("/etc/resolv.conf", Path(root, "etc/resolv.conf"))
+        shutil.copy(deb, Path(root, "tmp", deb.name))
+        chroot(root, ["apt-get", "-q", "update"])
+        chroot(root, ["apt-get", "install", "-y", "-q", "--download-only", "--no-install-recommends",
+                      f"/tmp/{deb.name}"])
+        part = tarball.with_suffix(".tar.part")
+        run(["tar", "-C", root, "--numeric-owner", "-cf", str(part), "var/lib/apt/lists", "var/cache/apt/archives"])
+        part.rename(tarball)
+    finally:
+        remove_tree(root)
+    return tarball
+
+
 def build_deb():
     if os.environ.get("TAPIO_DEB"):
         deb = Path(os.environ["TAPIO_DEB"]).resolve()
@@ -239,20 +270,25 @@ def expect(cond, what):
     log(f"ok: {what}")
 
 
-def install(root, deb):
+def install(root, deb, apt_cache=None):
     shutil.copy(deb, Path(root, "tmp", deb.name))
     # Debian's way to keep maintainer scripts from starting services.
     policy = Path(root, "usr/sbin/policy-rc.d")
     policy.write_text("#!/bin/sh\nexit 101\n")
     policy.chmod(0o755)
-    if os.environ.get("TAPIO_DEB_NAMESERVER"):
-        # In a matrix VM: QEMU's user network answers DNS at its own address.
-        Path(root, "etc/resolv.conf").write_text(f"nameserver {os.environ['TAPIO_DEB_NAMESERVER']}\n")
+    t0 = time.monotonic()
+    if apt_cache is not None:
+        # Offline: the lists and packages fetched ahead, so apt needs to get
+        # nothing (--no-download cannot be used: apt 2.6 then fails on a
+        # local .deb, "Pathname to install is not absolute").
+        run(["tar", "-C", root, "--numeric-owner", "-xf", str(apt_cache)])
+        p = chroot(root, ["apt-get", "install", "-y", "-q", "--no-install-recommends", f"/tmp/{deb.name}"])
+        expect(re.search(r"^Need to get (?!0 B/)", p.stdout, re.M) is None,
+               "apt-get install: every package came from the cache")
     else:
         shutil.copy("/etc/resolv.conf", Path(root, "etc/resolv.conf"))
-    t0 = time.monotonic()
-    chroot(root, ["apt-get", "-q", "update"])
-    p = chroot(root, ["apt-get", "install", "-y", "-q", "--no-install-recommends", f"/tmp/{deb.name}"])
+        chroot(root, ["apt-get", "-q", "update"])
+        p = chroot(root, ["apt-get", "install", "-y", "-q", "--no-install-recommends", f"/tmp/{deb.name}"])
     log(f"apt-get install took {time.monotonic() - t0:.0f} s")
     for line in p.stdout.splitlines():
         if line.startswith(("Setting up tapio-node", "The following NEW packages")):
@@ -545,7 +581,7 @@ def run_all():
         t0 = time.monotonic()
         run(["tar", "-C", root, "--numeric-owner", "-xf", str(tarball)])
         log(f"unpacked the base root in {time.monotonic() - t0:.0f} s")
-        install(root, deb)
+        install(root, deb, apt_cache_tarball(deb, tarball) if OFFLINE else None)
         check_cli(root)
         check_daemon(root)
         check_unit(root)
@@ -607,7 +643,7 @@ if __name__ == "__main__":
             # Tools and the base root, made ahead where the checkout is
             # writable: a matrix VM sees this tree read-only.
             ensure_tools()
-            base_root_tarball()
+            apt_cache_tarball(build_deb(), base_root_tarball())
         else:
             run_all()
     except Failure as e:
