@@ -40,6 +40,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="set in the tests' environment")
+    p.add_argument("--private-tmp", action="store_true",
+                   help="mount an empty /tmp first (only inside a VM)")
     p.add_argument("pytest_args", nargs="*")
     args = p.parse_args(argv)
     summary: dict = {"release": os.uname().release}
@@ -47,9 +49,11 @@ def main(argv: list[str]) -> int:
     try:
         _mount("tracefs", "/sys/kernel/tracing")
         _mount("bpf", "/sys/fs/bpf")
-        # The guest sees the host's files: its /tmp holds the host's live test
-        # nodes, which look stale here (their pids are not in this guest).
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=1777,size=75%", "tmpfs", "/tmp"], check=True)
+        if args.private_tmp:
+            # A VM sees the host's files: its /tmp holds the host's live test
+            # nodes, which look stale there (their pids are not in the guest).
+            # Never on the host itself: it would hide the host's /tmp.
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=1777,size=75%", "tmpfs", "/tmp"], check=True)
         summary.update(load_report())
     except Exception as exc:  # the table shows it; the tests then say more
         summary["load_error"] = f"{type(exc).__name__}: {exc}"

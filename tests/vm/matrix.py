@@ -184,6 +184,7 @@ def run_one(name: str, subset: str, append: str, timeout: float, log=_say) -> di
         k = kernels.BY_NAME[name]
         kernels.fetch(k, log=log)
         mode = accel(k, log=log)
+        guest.insert(guest.index("--"), "--private-tmp")
         if mode == "tcg":
             guest.insert(guest.index("--"), f"--env=TAPIO_TEST_SLOWDOWN={TCG_SLOWDOWN}")
         argv = [_vng(), "-r", kernels.image_path(k), "--memory", SUBSET_MEMORY.get(subset, VM_MEMORY),
