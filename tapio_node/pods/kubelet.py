@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import os
 
-from tapio_node.host import cgroup_v2_path
+from tapio_node.host import cgroup_v2_path, proc_cgroup
 from tapio_node.k8snames import valid_namespace
 from tapio_node.pods.oddnames import OddNames
 
@@ -32,8 +32,7 @@ class KubeletRecognizer:
         by_cg = self._by_cgroup.get(cgroup_id)
         if by_cg is None and self._cgroups:
             try:
-                with open(f"/proc/{int(pid)}/cgroup", "rb") as f:
-                    path = cgroup_v2_path(f.read(65536))
+                path = cgroup_v2_path(proc_cgroup(pid))
             except (OSError, ValueError):
                 path = None
             if path is not None:

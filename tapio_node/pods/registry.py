@@ -17,7 +17,7 @@ import threading
 import msgspec
 
 from tapio_node.pods.cgroupnames import CgroupRef
-from tapio_node.host import cgroup_v2_path, cgroup2_root
+from tapio_node.host import cgroup2_root, cgroup_v2_path, proc_cgroup
 from tapio_node.pods.info import HOST, KUBELET, Accessor, PodInfo
 from tapio_node.pods.kubelet import KubeletRecognizer, ServiceAccountVolumes
 from tapio_node.pods.mirror import MapMirror
@@ -131,8 +131,7 @@ class PodRegistry:
         if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**22 + 1:
             raise ValueError(f"add_container_pid: pid {pid!r} is not a valid process id")
         try:
-            with open(f"/proc/{pid}/cgroup", "rb") as f:
-                data = f.read(65536)
+            data = proc_cgroup(pid)
         except FileNotFoundError:
             raise ValueError(f"add_container_pid: no process with pid {pid}") from None
         except OSError as e:
