@@ -272,6 +272,12 @@ cdef class BpfObject:
     def attached(self):
         return list(self.link_names)
 
+    def detach(self, str name):
+        """Detach one attached program (its link is destroyed)."""
+        cdef size_t addr = self.link_names.pop(name)
+        self.links.remove(addr)
+        bpf_link__destroy(<bpf_link *>addr)
+
     def recursion_misses(self, str name):
         """Times the kernel skipped this program because another BPF
         program or a BPF syscall held the CPU (bpf_prog_info, 5.12+;

@@ -263,18 +263,66 @@ static __always_inline __u32 fill_dnames(struct tapio_access_ext *ext,
 #undef LD
 #undef LD2
 
+/* Reserve, fill and submit one access record for a matched file. */
+static __always_inline void report_access(struct file *file, struct tapio_inode_key *key,
+					  struct tapio_watch *watch, __u32 flags,
+					  struct inode *inode, __u64 id, __u32 op,
+					  const char *upath, long fd)
+{
+	struct tapio_access *rec;
+	struct tapio_access_ext *ext = NULL;
+	long n;
+
+	count(TAPIO_STAT_HITS);
+	if (flags & (TAPIO_F_BY_DEV | TAPIO_F_BY_DIR)) {
+		ext = bpf_ringbuf_reserve(&events, sizeof(*ext), 0);
+		rec = ext ? &ext->base : NULL;
+	} else {
+		rec = bpf_ringbuf_reserve(&events, sizeof(*rec), 0);
+	}
+	if (!rec) {
+		count_overflow(id, watch, op);
+		return;
+	}
+
+	if (BPF_CORE_READ(inode, __i_nlink) == 0)
+		flags |= TAPIO_F_UNLINKED;
+	rec->kind = TAPIO_REC_ACCESS;
+	rec->ts_ns = bpf_ktime_get_ns();
+	rec->cgroup_id = bpf_get_current_cgroup_id();
+	rec->pid = id >> 32;
+	rec->tid = (__u32)id;
+	rec->key = *key;
+	rec->watch = *watch;
+	rec->op = op;
+	rec->fd = fd;
+	bpf_get_current_comm(rec->comm, sizeof(rec->comm));
+	rec->path[0] = 0;
+	if (upath) {
+		n = bpf_probe_read_user_str(rec->path, sizeof(rec->path), upath);
+		if (n < 0)
+			flags |= TAPIO_F_PATH_FAULT;
+		else if (n == sizeof(rec->path))
+			flags |= TAPIO_F_PATH_TRUNC;
+	}
+	if (ext)
+		flags |= fill_dnames(ext, BPF_CORE_READ(file, f_path.dentry));
+	rec->flags = flags;
+	if (ext) {
+		bpf_ringbuf_submit(ext, rb_flags(sizeof(*ext)));
+	} else {
+		bpf_ringbuf_submit(rec, rb_flags(sizeof(*rec)));
+	}
+}
+
 static __always_inline int on_open_exit(long ret, __u32 op, int path_arg)
 {
 	struct tapio_inode_key key = {};
 	struct tapio_watch watch = {};
-	struct tapio_access *rec;
-	struct tapio_access_ext *ext = NULL;
 	struct inode *inode = NULL;
 	struct file *file;
 	__u32 flags = 0;
 	__u64 id;
-	const char *upath;
-	long n;
 	int hit;
 
 	if (ret < 0)
@@ -295,47 +343,7 @@ static __always_inline int on_open_exit(long ret, __u32 op, int path_arg)
 	id = bpf_get_current_pid_tgid();
 	if ((__u32)(id >> 32) == self_tgid)
 		return 0;
-	count(TAPIO_STAT_HITS);
-	if (flags & (TAPIO_F_BY_DEV | TAPIO_F_BY_DIR)) {
-		ext = bpf_ringbuf_reserve(&events, sizeof(*ext), 0);
-		rec = ext ? &ext->base : NULL;
-	} else {
-		rec = bpf_ringbuf_reserve(&events, sizeof(*rec), 0);
-	}
-	if (!rec) {
-		count_overflow(id, &watch, op);
-		return 0;
-	}
-
-	if (BPF_CORE_READ(inode, __i_nlink) == 0)
-		flags |= TAPIO_F_UNLINKED;
-	rec->kind = TAPIO_REC_ACCESS;
-	rec->ts_ns = bpf_ktime_get_ns();
-	rec->cgroup_id = bpf_get_current_cgroup_id();
-	rec->pid = id >> 32;
-	rec->tid = (__u32)id;
-	rec->key = key;
-	rec->watch = watch;
-	rec->op = op;
-	rec->fd = ret;
-	bpf_get_current_comm(rec->comm, sizeof(rec->comm));
-	upath = user_path(path_arg);
-	rec->path[0] = 0;
-	if (upath) {
-		n = bpf_probe_read_user_str(rec->path, sizeof(rec->path), upath);
-		if (n < 0)
-			flags |= TAPIO_F_PATH_FAULT;
-		else if (n == sizeof(rec->path))
-			flags |= TAPIO_F_PATH_TRUNC;
-	}
-	if (ext)
-		flags |= fill_dnames(ext, BPF_CORE_READ(file, f_path.dentry));
-	rec->flags = flags;
-	if (ext) {
-		bpf_ringbuf_submit(ext, rb_flags(sizeof(*ext)));
-	} else {
-		bpf_ringbuf_submit(rec, rb_flags(sizeof(*rec)));
-	}
+	report_access(file, &key, &watch, flags, inode, id, op, user_path(path_arg), ret);
 	return 0;
 }
 
@@ -423,6 +431,116 @@ int trace_config_access_uring(struct trace_event_raw_io_uring_complete *ctx)
 		return 0;
 	on_open_exit(ctx->res,
 		     opcode == IORING_OP_OPENAT ? TAPIO_OP_URING_OPENAT : TAPIO_OP_URING_OPENAT2, -1);
+	return 0;
+}
+
+/* The security_file_open backends (lsm, fentry; tapio_node/kernel/backends.py).
+ * One hook sees every open of a file whatever made it (any open syscall,
+ * io_uring, open_by_handle_at, exec), after the path walk and the
+ * permission checks, with the struct file in hand: no fd lookup, no race
+ * with close, and no syscall tracepoint, so other syscalls pay nothing. */
+
+/* x86_64 syscall numbers (the object is built for x86 only). */
+#define NR_OPEN 2
+#define NR_CREAT 85
+#define NR_EXECVE 59
+#define NR_OPEN_BY_HANDLE_AT 304
+#define NR_EXECVEAT 322
+#define NR_IO_URING_ENTER 426
+#define NR_OPENAT 257
+#define NR_OPENAT2 437
+#define PF_IO_WORKER 0x00000010
+#define PF_KTHREAD 0x00200000
+
+/* Set by user space for an instant after attaching a hook: its own opens
+ * then count in TAPIO_STAT_PROBE. That proves the hook runs: a BPF LSM
+ * program attaches even where bpf is not in lsm=, and then never runs. */
+__u32 probe_tgid = 0;
+
+/* Which syscall opened the file, from the task's saved user registers, and
+ * the path argument it passed (NULL if it has none). */
+static __always_inline __u32 opener_op(const char **upath)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct pt_regs *regs;
+	long nr;
+
+	*upath = NULL;
+	if (task->flags & PF_IO_WORKER)
+		return TAPIO_OP_URING;  /* io-wq worker or SQPOLL thread */
+	if ((task->flags & PF_KTHREAD) || !HAVE_TASK_PT_REGS)
+		return TAPIO_OP_OTHER;
+	regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	nr = BPF_CORE_READ(regs, orig_ax);
+	switch (nr) {
+	case NR_OPENAT:
+		*upath = (const char *)PT_REGS_PARM2_CORE_SYSCALL(regs);
+		return TAPIO_OP_OPENAT;
+	case NR_OPEN:
+		*upath = (const char *)PT_REGS_PARM1_CORE_SYSCALL(regs);
+		return TAPIO_OP_OPEN;
+	case NR_OPENAT2:
+		*upath = (const char *)PT_REGS_PARM2_CORE_SYSCALL(regs);
+		return TAPIO_OP_OPENAT2;
+	case NR_CREAT:
+		*upath = (const char *)PT_REGS_PARM1_CORE_SYSCALL(regs);
+		return TAPIO_OP_CREAT;
+	case NR_OPEN_BY_HANDLE_AT:
+		return TAPIO_OP_OPEN_BY_HANDLE;
+	case NR_EXECVE:
+		*upath = (const char *)PT_REGS_PARM1_CORE_SYSCALL(regs);
+		return TAPIO_OP_EXEC;
+	case NR_EXECVEAT:
+		*upath = (const char *)PT_REGS_PARM2_CORE_SYSCALL(regs);
+		return TAPIO_OP_EXEC;
+	case NR_IO_URING_ENTER:
+		return TAPIO_OP_URING;  /* completed inline at submission */
+	}
+	return TAPIO_OP_OTHER;
+}
+
+static __always_inline void on_file_open(struct file *file)
+{
+	struct tapio_inode_key key = {};
+	struct tapio_watch watch = {};
+	struct inode *inode = NULL;
+	const char *upath;
+	__u32 flags = 0, op;
+	__u64 id;
+
+	if (probe_tgid && (__u32)(bpf_get_current_pid_tgid() >> 32) == probe_tgid)
+		count(TAPIO_STAT_PROBE);
+	/* A hook argument is a BTF pointer: fields load directly on every kernel. */
+	if (!match_direct(file, &key, &watch, &flags, &inode))
+		return;
+	id = bpf_get_current_pid_tgid();
+	if ((__u32)(id >> 32) == self_tgid)
+		return;
+	op = opener_op(&upath);
+	/* The fd is not allocated to the file yet at this point. */
+	report_access(file, &key, &watch, flags, inode, id, op, upath, -1);
+}
+
+/* ret: the verdict of the BPF LSM programs before this one. Other LSMs
+ * (AppArmor, SELinux) run first when bpf is last in lsm=, and a denial
+ * there stops the chain: a denied open never reaches this program. */
+SEC("lsm/file_open")
+int BPF_PROG(lsm_config_access, struct file *file, int ret)
+{
+	if (ret)
+		return ret;
+	on_file_open(file);
+	return 0;
+}
+
+/* fexit, not fentry: it sees security_file_open's verdict, the whole LSM
+ * chain's (and, before 6.8, fanotify's permission event's), so an open an
+ * LSM denies is never reported. fentry would run before any of them. */
+SEC("fexit/security_file_open")
+int BPF_PROG(fexit_config_access, struct file *file, int ret)
+{
+	if (!ret)
+		on_file_open(file);
 	return 0;
 }
 

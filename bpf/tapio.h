@@ -33,6 +33,11 @@
 #define TAPIO_OP_OPEN_BY_HANDLE 4
 #define TAPIO_OP_URING_OPENAT 5
 #define TAPIO_OP_URING_OPENAT2 6
+/* The security_file_open backends (lsm, fentry) name the opener from the
+ * task, not from a per-syscall tracepoint: */
+#define TAPIO_OP_EXEC 7         /* the binary (or its interpreter) of an execve */
+#define TAPIO_OP_URING 8        /* an io_uring open (worker or inline) */
+#define TAPIO_OP_OTHER 9        /* any other syscall, or a kernel thread */
 
 /* watched_devs flags */
 #define TAPIO_DEV_USE_GEN 0x1   /* the key carries i_generation */
@@ -51,7 +56,8 @@
 #define TAPIO_STAT_FD_RACE 2    /* fd gone before it could be read */
 #define TAPIO_STAT_SYSCALL_DROPS 3
 #define TAPIO_STAT_LOST 4       /* not even counted: overflow map full */
-#define TAPIO_STAT_MAX 5
+#define TAPIO_STAT_PROBE 5      /* opens by probe_tgid: proves a hook runs */
+#define TAPIO_STAT_MAX 6
 
 struct tapio_inode_key {
 	__u32 dev;      /* kernel s_dev: major << 20 | minor */

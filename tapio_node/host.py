@@ -164,6 +164,36 @@ def tracefs_root() -> str | None:
 
 
 # -- /proc readers -------------------------------------------------------------
+def active_lsms() -> tuple[list[str] | None, str]:
+    """The kernel's active LSMs in order, and where that was read: securityfs
+    when mounted, else the lsm= boot parameter, else the kernel's built-in
+    CONFIG_LSM from /boot/config-<release>; (None, why) when none says."""
+    try:
+        with open("/sys/kernel/security/lsm", encoding="ascii") as f:
+            return [w for w in f.read().strip().split(",") if w], "/sys/kernel/security/lsm"
+    except OSError:
+        pass
+    try:
+        with open("/proc/cmdline", encoding="utf-8", errors="replace") as f:
+            words = f.read().split()
+    except OSError:
+        words = []
+    given = [w[len("lsm="):] for w in words if w.startswith("lsm=")]
+    if given:
+        # The last lsm= wins, as in the kernel.
+        return [w for w in given[-1].split(",") if w], "the lsm= boot parameter"
+    config = f"/boot/config-{os.uname().release}"
+    try:
+        with open(config, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("CONFIG_LSM="):
+                    value = line.split("=", 1)[1].strip().strip('"')
+                    return [w for w in value.split(",") if w], f"CONFIG_LSM in {config}"
+    except OSError:
+        pass
+    return None, "securityfs is not mounted, the boot line has no lsm= and no kernel config says"
+
+
 def proc_comm(pid: int) -> str:
     """A process's comm, '' when it is gone."""
     try:

@@ -7,7 +7,7 @@ import os
 from importlib import resources
 
 from tapio_node import host
-from tapio_node.kernel import compat, wire
+from tapio_node.kernel import backends, compat, wire
 
 log = logging.getLogger("tapio_node.kernel")
 
@@ -28,6 +28,11 @@ TRACEPOINT_OF = {
     "trace_pod_syscalls": "raw_syscalls/sys_enter",
 }
 CORRELATION_PROGRAMS = ("track_fork", "track_exec", "track_exit", "track_attach")
+# Programs that report accesses (recursion misses of these are lost opens).
+ACCESS_PROGRAMS = (*(n for n in TRACEPOINT_OF if n.startswith("trace_config_access")),
+                   *backends.HOOK_PROGRAMS.values())
+# A hook must show it runs within this long after attach (one open of ours).
+HOOK_PROOF_FILE = "/proc/self/stat"
 # The object built from bpf/tapio.bpf.c, and the same without kfuncs.
 OBJECTS = ("tapio.bpf.o", "tapio-nokfunc.bpf.o")
 
@@ -63,25 +68,45 @@ class Kernel:
 
     def __init__(self, *, ring_buffer_size: int = 4 << 20, sampling_rate: int = 0,
                  pod_correlation: bool = True, pin_path: str | None = None,
-                 force_enter_stash: bool = False, max_watched_files: int | None = None):
+                 force_enter_stash: bool = False, max_watched_files: int | None = None,
+                 hook_backend: str = "auto"):
         from tapio_node import _fast  # import here: tests of pure parts need no build
 
         self._fast = _fast
         self.pin_path = pin_path
         self.pinned: list[str] = []
-        self.backend = "tracepoint"
+        self.obj = None
+        self.backend = "none"
         self.path_source = "pt_regs"
         self._max_watched_files = max_watched_files
         self.features = compat.probe()
-        # No bpf_task_pt_regs (before 5.15): stash the path at syscall entry.
+        # No bpf_task_pt_regs (before 5.15): stash the path at syscall entry
+        # (tracepoint backend only: the hook backends need pt_regs anyway).
         use_stash = force_enter_stash or not self.features[compat.TASK_PT_REGS].available
-        self.obj = self._load(ring_buffer_size, sampling_rate, pod_correlation, use_stash)
-        if use_stash:
-            self.path_source = "enter_stash"
+        self.availability = backends.probe(self.features)
+        if force_enter_stash and hook_backend == "auto":
+            hook_backend = backends.TRACEPOINT
         try:
-            for name in self.obj.programs():
-                if self.obj.autoload(name):
-                    self.obj.attach(name)
+            want = backends.candidates(hook_backend, self.availability)
+        except backends.BackendUnavailable as exc:
+            raise KernelUnavailable(str(exc)) from None
+        # Why each better backend was passed over, for the log and check.
+        self.passed_over = {b: a.why for b, a in self.availability.items()
+                            if not a.ok and backends.ORDER.index(b) < backends.ORDER.index(want[0])}
+        load = (ring_buffer_size, sampling_rate, pod_correlation)
+        try:
+            hooks = [b for b in want if b != backends.TRACEPOINT]
+            if hooks:
+                self._start_hook(hooks, load)
+            if self.obj is None:
+                if backends.TRACEPOINT not in want:
+                    raise KernelUnavailable(
+                        f"hook_backend {hook_backend} cannot attach: {self.passed_over[hook_backend]}")
+                self.obj = self._load(*load, use_stash=use_stash, hooks=())
+                self._attach_autoloaded()
+                self.backend = backends.TRACEPOINT
+                if use_stash:
+                    self.path_source = "enter_stash"
             self.maps = {name: self.obj.map(name) for name in (
                 "watched_inodes", "watched_devs", "watched_dirs", "pod_info_map",
                 "container_pids", "stats", "overflow_counts", "dev_filter", "ino_filter")}
@@ -91,7 +116,60 @@ class Kernel:
             self.close()
             raise
 
-    def _load(self, rb_size, sampling_rate, pod_correlation, use_stash):
+    def _start_hook(self, hooks: list[str], load: tuple) -> None:
+        """Load once with the hook program of every candidate, keep the
+        first that attaches and is seen to run; self.obj stays None if none does."""
+        try:
+            obj = self._load(*load, use_stash=False, hooks=hooks)
+        except self._fast.BpfError as exc:
+            for b in hooks:
+                self.passed_over[b] = f"load failed: {exc}"
+            log.warning("loading the %s backend failed, falling back: %s", "/".join(hooks), exc)
+            return
+        self.obj = obj
+        try:
+            self._attach_autoloaded(skip=backends.HOOK_PROGRAMS.values())
+            for b in hooks:
+                why = self._attach_proved(backends.HOOK_PROGRAMS[b])
+                if why is None:
+                    self.backend = b
+                    return
+                self.passed_over[b] = why
+                log.info("hook backend %s not used: %s", b, why)
+        except BaseException:
+            self.close()
+            raise
+        self.close()
+
+    def _attach_autoloaded(self, skip=()) -> None:
+        for name in self.obj.programs():
+            if self.obj.autoload(name) and name not in skip:
+                self.obj.attach(name)
+
+    def _attach_proved(self, prog: str) -> str | None:
+        """Attach prog and see it run on an open of ours; None when it does,
+        else why not (and prog is detached again)."""
+        try:
+            self.obj.attach(prog)
+        except self._fast.BpfError as exc:
+            return f"attach failed: {exc}"
+        before = self.maps_stat(wire.STAT_PROBE)
+        self.obj.set_u32(".bss", "probe_tgid", os.getpid())
+        try:
+            os.close(os.open(HOOK_PROOF_FILE, os.O_RDONLY))
+        finally:
+            self.obj.set_u32(".bss", "probe_tgid", 0)
+        if self.maps_stat(wire.STAT_PROBE) > before:
+            return None
+        self.obj.detach(prog)
+        if prog == backends.HOOK_PROGRAMS[backends.LSM]:
+            return "attached, but the hook never ran: bpf is not an active LSM (" + backends.ENABLE_LSM + ")"
+        return "attached, but the hook never ran"
+
+    def maps_stat(self, index: int) -> int:
+        return self.obj.map("stats").percpu_sums(wire.STAT_MAX)[index]
+
+    def _load(self, rb_size, sampling_rate, pod_correlation, *, use_stash: bool, hooks) -> object:
         obj = self._fast.BpfObject(object_path(self.features))
         obj.set_max_entries("events", rb_size)
         if self._max_watched_files:
@@ -99,17 +177,21 @@ class Kernel:
         obj.set_u32(".rodata", "sampling_rate", sampling_rate)
         obj.set_u32(".rodata", "use_enter_stash", 1 if use_stash else 0)
         obj.set_u32(".rodata", "self_tgid", os.getpid())
+        hook_programs = {backends.HOOK_PROGRAMS[b] for b in hooks}
         for name in obj.programs():
             tp = TRACEPOINT_OF.get(name)
             want = True
-            if name.startswith("stash_"):
-                want = use_stash
+            if name in backends.HOOK_PROGRAMS.values():
+                want = name in hook_programs
+            elif name.startswith("trace_config_access") or name.startswith("stash_"):
+                # The tracepoint backend's programs; never beside a hook.
+                want = not hooks and (use_stash or not name.startswith("stash_"))
+                if name == "trace_config_access_uring":
+                    want = want and self.features[compat.URING_REQUEST].available
             elif name == "trace_pod_syscalls":
                 want = sampling_rate > 0
             elif name in CORRELATION_PROGRAMS:
                 want = pod_correlation
-            elif name == "trace_config_access_uring":
-                want = self.features[compat.URING_REQUEST].available
             if want and tp and not tracepoint_exists(tp):
                 # e.g. no sys_exit_open on arm64: skip it, like libbpf-tools.
                 log.info("tracepoint %s not present; %s not loaded", tp, name)
@@ -129,7 +211,11 @@ class Kernel:
             self.pinned.append(path)
 
     def features_off(self) -> list[compat.Feature]:
-        """Kernel features this kernel lacks, each with what it costs."""
+        """Kernel features this kernel lacks, each with what it costs. They
+        matter to the tracepoint backend only: a hook backend reads its
+        struct file directly and sees io_uring opens itself."""
+        if self.backend in backends.HOOK_PROGRAMS:
+            return []
         return compat.missing(self.features)
 
     def programs(self) -> list[str]:
@@ -146,7 +232,7 @@ class Kernel:
         # Runs of the open programs the kernel skipped (another BPF program
         # or a BPF syscall held the CPU): opens never seen at all.
         skipped = sum(self.obj.recursion_misses(name) for name in self.obj.attached()
-                      if name.startswith("trace_config_access"))
+                      if name in ACCESS_PROGRAMS)
         return {"drops": v[wire.STAT_DROPS], "hits": v[wire.STAT_HITS],
                 "fd_races": v[wire.STAT_FD_RACE], "syscall_drops": v[wire.STAT_SYSCALL_DROPS],
                 "lost": v[wire.STAT_LOST], "skipped": skipped}

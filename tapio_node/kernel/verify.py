@@ -3,8 +3,18 @@
 import os
 import sys
 
-from tapio_node.kernel import compat
+from tapio_node.kernel import backends, compat
 from tapio_node.kernel.loader import object_path, tracepoint_exists, TRACEPOINT_OF
+
+
+def unloadable(names: list[str], avail: dict[str, backends.Availability]) -> dict[str, str]:
+    """Programs this kernel cannot take at all, and why: a tracepoint it
+    lacks, or a hook backend it does not allow."""
+    out = {n: "no tracepoint" for n in names if n in TRACEPOINT_OF and not tracepoint_exists(TRACEPOINT_OF[n])}
+    for b, prog in backends.HOOK_PROGRAMS.items():
+        if prog in names and not avail[b].ok:
+            out[prog] = f"{b} backend not available"
+    return out
 
 
 def main() -> int:
@@ -20,21 +30,22 @@ def main() -> int:
         # The kfunc-free build must load on new kernels too.
         paths.append(object_path({**features, compat.RDONLY_CAST: compat.Feature(
             name=compat.RDONLY_CAST, available=False, since="", uses="")}))
+    avail = backends.probe(features)
     for path in paths:
-        rc = _verify(_fast, path)
+        rc = _verify(_fast, path, avail)
         if rc:
             return rc
     return 0
 
 
-def _verify(_fast, path: str) -> int:
+def _verify(_fast, path: str, avail) -> int:
     name = os.path.basename(path)
     for stash in (0, 1):
         obj = _fast.BpfObject(path)
         obj.set_u32(".rodata", "use_enter_stash", stash)
         obj.set_u32(".rodata", "sampling_rate", 100)
         names = obj.programs()
-        skipped = [n for n in names if n in TRACEPOINT_OF and not tracepoint_exists(TRACEPOINT_OF[n])]
+        skipped = unloadable(names, avail)
         for n in names:
             obj.set_autoload(n, n not in skipped)
         try:
@@ -44,7 +55,8 @@ def _verify(_fast, path: str) -> int:
             return 1
         obj.close()
         print(f"{name} use_enter_stash={stash}: {len(names) - len(skipped)} programs verified"
-              + (f" ({', '.join(skipped)} skipped: no tracepoint)" if skipped else ""))
+              + (" (" + "; ".join(f"{n} skipped: {why}" for n, why in skipped.items()) + ")"
+               if skipped else ""))
     return 0
 
 

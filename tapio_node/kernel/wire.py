@@ -38,10 +38,14 @@ OP_CREAT = 3
 OP_OPEN_BY_HANDLE = 4
 OP_URING_OPENAT = 5
 OP_URING_OPENAT2 = 6
+OP_EXEC = 7
+OP_URING = 8
+OP_OTHER = 9
 # What an event's "syscall" says for each op.
 OP_NAMES = {OP_OPENAT: "openat", OP_OPEN: "open", OP_OPENAT2: "openat2", OP_CREAT: "creat",
             OP_OPEN_BY_HANDLE: "open_by_handle_at", OP_URING_OPENAT: "io_uring_openat",
-            OP_URING_OPENAT2: "io_uring_openat2"}
+            OP_URING_OPENAT2: "io_uring_openat2", OP_EXEC: "exec", OP_URING: "io_uring",
+            OP_OTHER: "other"}
 
 DEV_USE_GEN = 0x1
 DEV_WHOLE = 0x2
@@ -55,7 +59,8 @@ STAT_HITS = 1
 STAT_FD_RACE = 2
 STAT_SYSCALL_DROPS = 3
 STAT_LOST = 4
-STAT_MAX = 5
+STAT_PROBE = 5
+STAT_MAX = 6
 
 INODE_KEY = struct.Struct("<IIQ")          # dev, gen, ino
 WATCH = struct.Struct("<II")               # volume_id, file_id
