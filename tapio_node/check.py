@@ -18,7 +18,9 @@ import sys
 import msgspec
 
 from . import host
-from .kernel import compat
+from .kernel import backends, compat
+from .kernel.sysbpf import (BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_RINGBUF, errno_text as _errno_text,
+                           libc as _libc, map_create as _map_create)
 
 __all__ = ["Check", "run_checks", "preflight", "main", "format_check"]
 
@@ -30,15 +32,6 @@ CAP_SYS_ADMIN = 21
 CAP_SYS_RESOURCE = 24
 CAP_PERFMON = 38
 CAP_BPF = 39
-
-# bpf(2) (linux/bpf.h); x86_64 and arm64 syscall numbers.
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
-BPF_MAP_CREATE, BPF_PROG_LOAD, BPF_RAW_TRACEPOINT_OPEN = 0, 5, 17
-BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_RINGBUF = 2, 27
-BPF_PROG_TYPE_TRACING, BPF_PROG_TYPE_LSM = 26, 29
-BPF_TRACE_FENTRY, BPF_LSM_MAC = 24, 27
-# r0 = 0; exit
-_RET0 = struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0)
 
 # Syscall exit tracepoints the kernel program attaches (arm64 has no open/creat).
 REQUIRED_TRACEPOINTS = ("sys_enter_openat", "sys_exit_openat")
@@ -62,81 +55,6 @@ def format_check(c: Check) -> str:
 
 
 # -- helpers
-
-
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _bpf(cmd: int, attr: bytes) -> int:
-    """bpf(2); returns the fd or -errno."""
-    buf = ctypes.create_string_buffer(attr, len(attr))
-    libc = _libc()
-    libc.syscall.restype = ctypes.c_long
-    r = libc.syscall(ctypes.c_long(_SYS_BPF), ctypes.c_int(cmd), buf, ctypes.c_uint(len(attr)))
-    if r < 0:
-        return -ctypes.get_errno()
-    return r
-
-
-def _map_create(map_type: int, key_size: int, value_size: int, max_entries: int) -> int:
-    attr = struct.pack("<IIIII", map_type, key_size, value_size, max_entries, 0).ljust(72, b"\0")
-    fd = _bpf(BPF_MAP_CREATE, attr)
-    if fd >= 0:
-        os.close(fd)
-    return fd
-
-
-def _errno_text(e: int) -> str:
-    return f"{errno.errorcode.get(e, e)} ({os.strerror(e)})"
-
-
-def _btf_func_id(name: str) -> int | None:
-    return compat.Btf.load(host.BTF_PATH).type_id(name, compat.BTF_KIND_FUNC)
-
-
-def _probe_attach(prog_type: int, attach_type: int, func: str) -> tuple[bool, str]:
-    """Load a `return 0` program for func and attach it for an instant."""
-    try:
-        btf_id = _btf_func_id(func)
-    except (OSError, ValueError) as e:
-        return False, f"cannot read BTF: {e.strerror}"
-    if btf_id is None:
-        return False, f"{func} not in kernel BTF"
-    return _probe_attach_id(prog_type, attach_type, btf_id)
-
-
-def _probe_attach_id(prog_type: int, attach_type: int, btf_id: int) -> tuple[bool, str]:
-    insns = ctypes.create_string_buffer(_RET0, len(_RET0))
-    lic = ctypes.create_string_buffer(b"GPL")
-    attr = bytearray(128)
-    struct.pack_into("<IIQQ", attr, 0, prog_type, 2, ctypes.addressof(insns), ctypes.addressof(lic))
-    attr[48:48 + 11] = b"tapio_probe"
-    struct.pack_into("<I", attr, 68, attach_type)
-    struct.pack_into("<I", attr, 108, btf_id)
-    prog = _bpf(BPF_PROG_LOAD, bytes(attr))
-    if prog < 0:
-        return False, f"program load refused: {_errno_text(-prog)}"
-    try:
-        link = _bpf(BPF_RAW_TRACEPOINT_OPEN, struct.pack("<QI", 0, prog).ljust(16, b"\0"))
-        if link < 0:
-            return False, f"attach refused: {_errno_text(-link)}"
-        os.close(link)   # detaches at once; the program returned 0 (no effect)
-        return True, "attach allowed"
-    finally:
-        os.close(prog)
-
-
-def _lockdown() -> str | None:
-    try:
-        with open("/sys/kernel/security/lockdown", encoding="ascii") as f:
-            text = f.read()
-    except OSError:
-        return None
-    for word in text.split():
-        if word.startswith("["):
-            return word.strip("[]")
-    return None
 
 
 # -- the checks
@@ -273,35 +191,50 @@ def check_tracepoint_attach(id_path: str) -> Check:
                  detail=f"perf_event_open on syscalls/sys_exit_openat refused: {_errno_text(err)}", fix=fix)
 
 
-def check_hooks(have_tracepoints: bool) -> list[Check]:
-    """Which hook backend runs, and whether the better ones (fentry/LSM) would."""
-    lock = _lockdown()
-    lock_note = f"; kernel lockdown: {lock}" if lock else ""
-    fentry_ok, fentry = _probe_attach(BPF_PROG_TYPE_TRACING, BPF_TRACE_FENTRY, "security_file_open")
-    lsm_ok, lsm = _probe_attach(BPF_PROG_TYPE_LSM, BPF_LSM_MAC, "bpf_lsm_file_open")
-    backend = "tracepoint" if have_tracepoints else "none"
-    checks = [Check(
-        name="hook backend", ok=have_tracepoints, fatal=True,
-        detail=f"{backend} (syscalls/sys_exit_open*)",
-        fix="see the tracefs and syscall tracepoint checks")]
-    checks.append(Check(
-        name="fentry/security_file_open", ok=fentry_ok, fatal=False, detail=fentry + lock_note,
-        fix="not needed: the tracepoint backend is used (fentry needs a kernel without lockdown "
-            "and CONFIG_DEBUG_INFO_BTF)"))
-    checks.append(Check(
-        name="lsm/file_open", ok=lsm_ok, fatal=False, detail=lsm + lock_note,
-        fix="not needed: the tracepoint backend is used (BPF LSM needs CONFIG_BPF_LSM=y and "
-            "'bpf' in the lsm= boot parameter)"))
-    return checks
+def check_hooks(choice: str, have_tracepoints: bool,
+                only_fatal: bool = False) -> tuple[list[Check], str | None]:
+    """Which hook backend the daemon would use (fatal if none), and for
+    each backend whether it can attach here and why (kernel/backends.py);
+    also that backend's name (None if none)."""
+    avail = backends.probe()
+    if not have_tracepoints:
+        t = avail[backends.TRACEPOINT]
+        avail[backends.TRACEPOINT] = backends.Availability(
+            backend=t.backend, ok=False, why="see the tracefs and tracepoint checks", fix=t.fix)
+    chosen = None
+    try:
+        chosen = backends.candidates(choice, avail)[0]
+        chosen_check = Check(name="hook backend", ok=True, fatal=True,
+                             detail=f"{chosen} ({backends.HOOKS[chosen]})"
+                             + (" chosen by auto" if choice == "auto" else " set by hook_backend"))
+    except backends.BackendUnavailable as exc:
+        chosen_check = Check(name="hook backend", ok=False, fatal=True, detail=str(exc),
+                             fix="set kernel_collector.hook_backend to auto, or make the kernel allow it")
+    if only_fatal:
+        return [chosen_check], chosen
+    out = [chosen_check]
+    for b, a in avail.items():
+        out.append(Check(name=f"backend {b} ({backends.HOOKS[b]})", ok=a.ok, fatal=False,
+                         detail="available: " + a.why if a.ok else "not available: " + a.why,
+                         fix=a.fix))
+    return out, chosen
 
 
-def check_kernel_features() -> list[Check]:
-    """What the BPF side adapts to on this kernel (tapio_node/kernel/compat.py):
-    never fatal, each missing one says what it costs."""
-    return [Check(name=f"kernel feature {f.name}", ok=f.available, fatal=False,
-                  detail=f"present ({f.uses})" if f.available else f"absent before {f.since}: {f.off}",
-                  fix=f"a kernel >= {f.since} has it; the daemon runs without it")
-            for f in compat.probe().values()]
+def check_kernel_features(backend: str | None) -> list[Check]:
+    """What the tracepoint backend adapts to on this kernel
+    (tapio_node/kernel/compat.py): never fatal, each missing one says what
+    it costs; none matters to a hook backend."""
+    out = []
+    for f in compat.probe().values():
+        if f.available:
+            detail = f"present ({f.uses})"
+        elif backend in backends.HOOK_PROGRAMS:
+            detail = f"absent before {f.since}; the {backend} backend does not need it"
+        else:
+            detail = f"absent before {f.since}: {f.off}"
+        out.append(Check(name=f"kernel feature {f.name}", ok=f.available or backend in backends.HOOK_PROGRAMS,
+                         fatal=False, detail=detail, fix=f"a kernel >= {f.since} has it; the daemon runs without it"))
+    return out
 
 
 def check_bpffs(pin_path: str, mounts) -> Check:
@@ -408,14 +341,18 @@ def run_checks(cfg, *, only_fatal: bool = False) -> list[Check]:
     mounts = host.mounts()
     checks = [check_root(), *check_caps(), check_btf(), *check_bpf_syscall()]
     tps = check_tracepoints()
-    checks += tps
     have_tp = all(c.ok for c in tps if c.fatal)
-    if only_fatal:
-        checks.append(Check(name="hook backend", ok=have_tp, fatal=True, detail="tracepoint" if have_tp else "none",
-                            fix="see the tracefs and syscall tracepoint checks"))
-    else:
-        checks += check_hooks(have_tp)
-        checks += check_kernel_features()
+    hooks, backend = check_hooks(cfg.hook_backend, have_tp, only_fatal)
+    # The tracepoints are needed by that backend, and for syscall sampling.
+    need_tp = backend in (None, backends.TRACEPOINT) or cfg.syscall_sampling_rate > 0
+    if not need_tp:
+        for c in tps:
+            if c.fatal and not c.ok:
+                c.fatal = False
+                c.fix += " (only needed by the tracepoint backend and syscall sampling)"
+    checks += tps + hooks
+    if not only_fatal:
+        checks += check_kernel_features(backend)
     checks += [check_bpffs(cfg.pin_path, mounts), *check_cgroup(cfg), check_bpf_object()]
     if not only_fatal:
         checks += [

@@ -56,6 +56,9 @@ class KernelCollector(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Entries of the watched_inodes map: one per file of every watched
     # volume. A volume that does not fit is reported, not fatal.
     max_watched_files: int = 262144
+    # Where the kernel side hooks opens: auto picks the first of lsm,
+    # fentry, tracepoint that attaches (tapio_node/kernel/backends.py).
+    hook_backend: str = "auto"
     # Pod specs (real ConfigMap/Secret names).
     kubeconfig: str | None = None
     node_name: str | None = None
@@ -142,6 +145,8 @@ SIZE_LIMITS = {
 }
 # The ring is mapped into the daemon: it counts in its RSS.
 MAX_RING_BUFFER = 1 << 28
+# kernel.backends.CHOICES (not imported: validating a config loads no BPF code).
+HOOK_BACKENDS = ("auto", "lsm", "fentry", "tracepoint")
 # A day: longer intervals are typos, and a huge float overflows timers.
 MAX_SECONDS = 86400.0
 
@@ -154,6 +159,8 @@ def validate(kc: KernelCollector, source: str | None, explicit: set | frozenset 
         value = getattr(kc, key)
         if not low <= value <= high:
             bad(key, f"must be between {low} and {high}, got {value}")
+    if kc.hook_backend not in HOOK_BACKENDS:
+        bad("hook_backend", f"must be one of {', '.join(HOOK_BACKENDS)}, got {kc.hook_backend!r}")
     if not 0 <= kc.syscall_sampling_rate <= 1 << 31:
         bad("syscall_sampling_rate", "must be 0 (off) or a positive N (1 in N syscalls) up to 2^31")
     rb = kc.ring_buffer_size
@@ -221,6 +228,6 @@ def plugins_for(kc: KernelCollector) -> dict[str, str]:
 
 
 # Keys a SIGHUP reload does not apply: the daemon keeps the old value until restarted.
-RESTART_KEYS = ("ring_buffer_size", "pin_path", "listen_address", "syscall_sampling_rate",
+RESTART_KEYS = ("ring_buffer_size", "hook_backend", "pin_path", "listen_address", "syscall_sampling_rate",
                 "enable_ebpf", "enable_pod_correlation", "kubelet_pods_path", "cgroup_root",
                 "pod_logs_path", "kubeconfig", "node_name", "static_pods_path", "buffer_size")

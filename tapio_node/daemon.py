@@ -184,11 +184,14 @@ class Daemon:
                              sampling_rate=kc.syscall_sampling_rate,
                              pod_correlation=kc.enable_pod_correlation,
                              pin_path=kc.pin_path, max_watched_files=kc.max_watched_files,
+                             hook_backend=kc.hook_backend,
                              # Exercise the pre-5.15 fallback on a newer kernel.
                              force_enter_stash=os.environ.get("TAPIO_FORCE_ENTER_STASH") == "1")
         log.info("attached %s (%s backend, paths from %s) in %.0f ms",
                  ", ".join(self.kernel.programs()), self.kernel.backend,
                  self.kernel.path_source, (time.monotonic() - t0) * 1000)
+        for backend, why in self.kernel.passed_over.items():
+            log.info("hook backend %s not used: %s", backend, why)
         for feature in self.kernel.features_off():
             log.warning("kernel lacks %s (since %s): %s", feature.name, feature.since, feature.off)
         self.reader = self.kernel.reader(capacity=max(1024, kc.buffer_size * 8),
@@ -404,7 +407,7 @@ class Daemon:
     def _set_status(self) -> None:
         drops = self.kernel.stats()["drops"] if self.kernel and self.kernel.obj else 0
         self.status_text = (
-            f"watching {len(self.volumes.volumes)} volumes in {self.volumes.pod_count} pods, "
+            f"{self.kernel.backend if self.kernel else 'no'} backend, watching {len(self.volumes.volumes)} volumes in {self.volumes.pod_count} pods, "
             f"{_human_rate(self._rate)} events/s, {drops} drops")
 
     def resync(self, reason: str) -> int:

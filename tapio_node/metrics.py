@@ -108,6 +108,10 @@ class _StateCollector(Collector):
                                 labels=["version", "backend"])
         info.add_metric([__version__, state.backend if state else "none"], {})
         yield info
+        backend = InfoMetricFamily(f"{PREFIX}_backend", "The hook backend in use: lsm, fentry or tracepoint",
+                                   labels=["backend"])
+        backend.add_metric([state.backend if state else "none"], {})
+        yield backend
         up = GaugeMetricFamily(f"{PREFIX}_state_up", "1 if the daemon state could be read at this scrape")
         up.add_metric([], 1 if state else 0)
         yield up
