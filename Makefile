@@ -12,7 +12,7 @@ APT_PKGS  := clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev pkg-config \
 PY_DEPS   := setuptools wheel cython msgspec pyyaml prometheus-client inotify-simple \
              systemd-python pytest lightkube virtme-ng
 
-.PHONY: all deps venv build bpf verify test test-fast vmtest demo bench deb clean mounts
+.PHONY: all deps venv build bpf verify test test-fast vmtest vmbench demo bench deb clean mounts
 
 all: build
 
@@ -47,9 +47,10 @@ verify: build mounts
 	$(VPY) -m tapio_node.kernel.verify
 
 # The whole suite on this kernel, then on Debian 12's kernel in a VM the
-# kernel subset and the .deb booted with systemd (TEST_KERNELS=, empty for
-# none; TEST_VM_SUBSETS= which of the two).
-TEST_KERNELS ?= 6.1
+# kernel subset (plain: the lsm backend, bpf being in its built-in LSM list;
+# 6.1+fentry booted with an lsm= without bpf: the fentry backend) and the .deb booted with systemd (TEST_KERNELS=, empty
+# for none; TEST_VM_SUBSETS= which of the two).
+TEST_KERNELS ?= 6.1 6.1+fentry
 TEST_VM_SUBSETS ?= matrix packaging
 test: build mounts
 	$(VPY) -m pytest -ra tests; rc=$$?; \
@@ -60,9 +61,16 @@ test: build mounts
 
 # The kernel matrix: Debian 11/12/13/14 kernels in VMs and this machine's
 # kernel (KERNELS= picks; VM_SUBSET=kernel runs all of tests/kernel).
-KERNELS ?= 5.10 6.1 6.12 7.2 host
+KERNELS ?= 5.10 6.1 6.1+fentry 6.12 6.12+fentry 7.2 host
 vmtest: build mounts
 	$(VPY) -m tests.vm.matrix --kernels "$(KERNELS)"
+
+# The per-syscall benchmark in a VM, the baseline and each hook backend
+# interleaved on one kernel (KERNEL=, BACKENDS=, ROUNDS=).
+KERNEL ?= 6.12
+BACKENDS ?= tracepoint fentry lsm
+vmbench: build mounts
+	KERNEL="$(KERNEL)" BACKENDS="$(BACKENDS)" $(VPY) -m bench.vm
 
 test-fast: build
 	$(VPY) -m pytest -q tests/unit

@@ -48,12 +48,20 @@ def parse_args(argv):
     p.add_argument("--skip", default="", help=f"comma-separated: {', '.join(SKIPPABLE)}")
     p.add_argument("--profile", action="store_true",
                    help="perf-record the metrics-only daemon during round 1's throughput run")
+    p.add_argument("--backends", default="",
+                   help="space-separated hook backends (lsm fentry tracepoint): instead of the usual "
+                        "configurations, one metrics-only daemon per backend beside the baseline")
     p.add_argument("--results-dir", default=os.path.join(REPO, "bench", "results"))
     a = p.parse_args(argv)
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     bad = a.skip - set(SKIPPABLE)
     if bad:
         p.error(f"--skip: unknown {', '.join(sorted(bad))}; choose from {', '.join(SKIPPABLE)}")
+    from tapio_node.kernel.backends import ORDER
+    a.backends = a.backends.replace(",", " ").split()
+    if set(a.backends) - set(ORDER):
+        p.error(f"--backends: unknown {', '.join(sorted(set(a.backends) - set(ORDER)))}; "
+                f"choose from {', '.join(ORDER)}")
     if a.rounds is not None and a.rounds < 1:
         p.error("--rounds must be at least 1")
     return a
@@ -156,7 +164,10 @@ def make_env(args, tmp):
     return env
 
 
-def main_configs(skip):
+def main_configs(skip, backends=()):
+    if backends:
+        return [C.Baseline()] + [C.Tapio(f"tapio-{b}", "none", config={"hook_backend": b},
+                                         note=f"--output none, hook_backend: {b}") for b in backends]
     cfgs = [C.Baseline(),
             C.Tapio("tapio-stdout", "stdout", note="real daemon, --output stdout > /dev/null"),
             C.Tapio("tapio-metrics", "none", note="real daemon, --output none (metrics only)")]
@@ -234,7 +245,7 @@ def main(argv=None):
     env = None
     interrupted = False
     raw, counts, tput, extra = {}, {}, {}, {}
-    cfgs = main_configs(skip)
+    cfgs = main_configs(skip, args.backends)
     audit_cfgs = []
     try:
         env = make_env(args, tmp)

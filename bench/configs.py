@@ -11,6 +11,7 @@ configurations run last (see AuditSession).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ class Config:
     kind = "baseline"
     pid = None            # the process doing the tracing, when there is one
     note = ""
+    backend = "-"         # tapio-node's hook backend, as its /healthz says
 
     def start(self, env):
         pass
@@ -49,7 +51,8 @@ class Config:
         return None
 
     def describe(self):
-        return {"name": self.name, "kind": self.kind, "phase": self.phase, "note": self.note}
+        return {"name": self.name, "kind": self.kind, "phase": self.phase, "note": self.note,
+                "backend": self.backend}
 
 
 class Baseline(Config):
@@ -133,6 +136,7 @@ class Tapio(Config):
 
         procs.wait_until(ready, ready_timeout, interval=0.005, what="tapio-node /healthz 200")
         self.ready_s = time.monotonic() - t0
+        self.backend = json.loads(procs.http_get(url, timeout=5.0)[1])["backend"]
 
     def metrics(self):
         status, body = procs.http_get(f"http://127.0.0.1:{self.port}/metrics", timeout=5.0)

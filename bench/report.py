@@ -36,10 +36,10 @@ def fmt_ratio(s):
 
 
 def table(summary, configs, workloads):
-    head = ["config"] + [f"{w} ns/op (ratio [min-max])" for w in workloads]
+    head = ["config", "backend"] + [f"{w} ns/op (ratio [min-max])" for w in workloads]
     rows = []
     for cfg in configs:
-        row = [cfg.name]
+        row = [cfg.name, cfg.backend]
         for wl in workloads:
             s = summary.get(cfg.name, {}).get(wl)
             row.append("-" if not s else f"{fmt_ns(s['median'])} {fmt_ratio(s)}".strip())
@@ -300,13 +300,13 @@ def markdown(r, configs):
              f"{r['host']['kernel']}); ns/op medians over {(r.get('sizes') or {}).get('rounds')} "
              "interleaved rounds; ratio = median of per-round ratios to the baseline of the same "
              "round, [min-max] of those ratios.", "",
-             "| config | " + " | ".join(wls) + " |", "|---|" + "---|" * len(wls)]
+             "| config | backend | " + " | ".join(wls) + " |", "|---|---|" + "---|" * len(wls)]
     for c in configs:
         cells = []
         for wl in wls:
             s = r["micro"].get(c.name, {}).get(wl)
             cells.append("-" if not s else f"{fmt_ns(s['median'])} {fmt_ratio(s)}".strip())
-        lines.append(f"| {c.name} ({c.note}) | " + " | ".join(cells) + " |")
+        lines.append(f"| {c.name} ({c.note}) | {c.backend} | " + " | ".join(cells) + " |")
     lines += ["", "```", fmt_other(r).strip("\n"), "```", "", "Targets:", "", "```",
               fmt_targets(r["targets"]), "```"]
     if r.get("notes"):

@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from tapio_node import check, host
-from tapio_node.kernel import compat
+from tapio_node.kernel import compat, sysbpf
 from tapio_node.config import KernelCollector
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -90,12 +90,18 @@ def test_this_machine_as_root(node_dirs):
                  "tracefs", "syscall tracepoints", "hook backend", "bpffs", "cgroup v2", "BPF object",
                  "kubelet pods dir", "pod logs dir", "listen address"):
         assert lines[name][0] == check.OK, (name, lines.get(name), r.stdout)
-    assert lines["hook backend"][1].startswith("tracepoint")
-    # The better hooks are probed for real: on this kernel the kernel refuses them.
-    for name in ("fentry/security_file_open", "lsm/file_open"):
-        mark, detail = lines[name]
-        assert (mark, detail) == (check.OK, "attach allowed") or (mark == check.WARN and "refused" in detail), \
-            (name, mark, detail)
+    from tapio_node.kernel import backends
+
+    avail = backends.probe()
+    chosen = backends.candidates("auto", avail)[0]
+    assert lines["hook backend"][1].startswith(f"{chosen} (") and "chosen by auto" in lines["hook backend"][1]
+    # Each backend is probed for real and says why it cannot attach.
+    for b in backends.ORDER:
+        mark, detail = lines[f"backend {b} ({backends.HOOKS[b]})"]
+        if avail[b].ok:
+            assert (mark, detail.split(":")[0]) == (check.OK, "available"), (b, mark, detail)
+        else:
+            assert mark == check.WARN and detail == f"not available: {avail[b].why}", (b, mark, detail)
     # Pod-spec sources are reported, never fatal.
     assert lines["static pod manifests"][0] == check.OK
     assert lines["pod specs from the API"][0] in (check.OK, check.WARN)
@@ -111,10 +117,10 @@ def test_probe_machinery_is_sound():
     need_tracing()
     tid = compat.Btf.load().type_id("btf_trace_sched_process_fork", compat.BTF_KIND_TYPEDEF)
     assert tid is not None
-    ok, detail = check._probe_attach_id(check.BPF_PROG_TYPE_TRACING, 23, tid)  # BPF_TRACE_RAW_TP
+    ok, detail = sysbpf.probe_attach_id(sysbpf.BPF_PROG_TYPE_TRACING, 23, tid)  # BPF_TRACE_RAW_TP
     assert ok, detail
-    assert check._btf_func_id("security_file_open") is not None
-    assert check._btf_func_id("no_such_function_tapio") is None
+    ok, detail = sysbpf.probe_attach(sysbpf.BPF_PROG_TYPE_TRACING, sysbpf.BPF_TRACE_FEXIT, "no_such_function_tapio")
+    assert (ok, detail) == (False, "no_such_function_tapio not in kernel BTF")
 
 
 def test_busy_port_is_fatal(node_dirs):

@@ -97,6 +97,28 @@ def test_each_open_syscall(sim_node, daemon_factory, syscall):
     assert {e["file"] for e in got} == {"app.yaml"}
 
 
+def test_exec_of_a_volume_file(sim_node, daemon_factory):
+    """A script run from a ConfigMap: the kernel opens it for execve (seen
+    at security_file_open; no open syscall, so the tracepoint backend does
+    not), then its shell opens it again with openat."""
+    pod = sim_node.add_pod("shop", "tools-0", [
+        VolumeSpec("configmap", "tools", {"run.sh": b"#!/bin/sh\nexit 0\n"})], service_account=False)
+    os.chmod(os.path.join(pod.volume_dir("tools"), "run.sh"), 0o755)
+    ctr = pod.add_container("app")
+    d = daemon_factory(sim_node.write_config())
+    hook = json.loads(d.get("/healthz")[1])["backend"] != "tracepoint"
+    proc = ctr.run(["/run/config/tools/run.sh"])
+    assert proc.wait(timeout=60) == 0
+    want = [("exec", "/run/config/tools/run.sh"), ("openat", "/run/config/tools/run.sh")]
+    if not hook:
+        want = want[1:]
+    d.wait_events(len(want), pred=lambda e: e["process"]["pid"] == proc.pid)
+    d.settle()
+    got = _events_for(d, proc.pid)
+    assert [(e["syscall"], e["path"]) for e in got] == want
+    assert {(e["file"], e["config_name"]) for e in got} == {("run.sh", "tools")}
+
+
 def test_open_by_handle_at(sim_node, daemon_factory):
     """A handle names no path at all; the Secret's tmpfs supports handles
     (a ConfigMap on an overlay disk may not)."""
@@ -169,6 +191,11 @@ def test_no_events_for_unwatched_listing_and_failed_opens(sim_node, daemon_facto
     missing = ctr.start_reader("/run/secrets/certs/nope", count=3)
     quiet.append(missing.wait())
     assert quiet[-1]["failed"] == 3
+    # Refused by permissions (EACCES): never reaches any backend's hook.
+    denied = sim_node.start_host_reader(os.path.join(pod.volume_dir("certs"), "tls.key"), count=3,
+                                        user=65534, group=65534)
+    quiet.append(denied.wait())
+    assert quiet[-1]["failed"] == 3 and quiet[-1]["errors"] == {"EACCES": 3}, quiet[-1]
     # A directory listing of the volume opens the dir, never a key.
     ls = ctr.run(["ls", "-la", "/run/secrets/certs", "/run/secrets/certs/..data/"],
                  stdout=subprocess.DEVNULL)
@@ -225,13 +252,22 @@ def test_bpftool_sees_program_and_maps(sim_node, daemon_factory):
     programs and maps (another tapio-node on the machine does not count)."""
     ctr = _web_pod(sim_node).add_container("app")
     d = daemon_factory(sim_node.write_config())
+    from tapio_node.kernel import backends
+
+    backend = json.loads(d.get("/healthz")[1])["backend"]
+    main = backends.HOOK_PROGRAMS.get(backend, "trace_config_access")
     ours = _bpf_fds(d.proc.pid)
     progs = [_bpftool_show("prog", i) for i in sorted(ours["prog_id"])]
-    assert "trace_config_access" in {p["name"] for p in progs}, progs
-    # Each attached program of ours is one of the daemon's links.
+    assert main in {p["name"] for p in progs}, progs
+    # Each attached program of ours is one of the daemon's links, or (a
+    # tracepoint before 5.15, which has no perf-event links) attached
+    # through one of its perf events.
     links = [_bpftool_show("link", i) for i in sorted(ours["link_id"])]
     assert {link["prog_id"] for link in links} <= ours["prog_id"]
-    assert {p["id"] for p in progs if p["name"] == "trace_config_access"} <= {link["prog_id"] for link in links}
+    perf = subprocess.run(["bpftool", "-j", "perf", "list"], capture_output=True, text=True, check=True).stdout
+    attached = {link["prog_id"] for link in links} | {
+        e["prog_id"] for e in json.loads(perf or "[]") if e.get("pid") == d.proc.pid}
+    assert {p["id"] for p in progs if p["name"] == main} <= attached
     names = {m["name"]: m["id"] for m in (_bpftool_show("map", i) for i in ours["map_id"])}
     assert {"container_pids", "pod_info_map", "watched_inodes"} <= set(names), names
     pinned = os.path.join(d.config["pin_path"], "pod_info_map")

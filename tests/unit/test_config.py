@@ -64,6 +64,7 @@ kernel_collector:
     ("max_watched_files: 4", "kernel_collector.max_watched_files", "between 16 and"),
     ("max_watched_files: 100000000", "kernel_collector.max_watched_files", "between 16 and"),
     ("syscall_sampling_rate: 8589934592", "kernel_collector.syscall_sampling_rate", "up to 2^31"),
+    ("hook_backend: kprobe", "kernel_collector.hook_backend", "auto, lsm, fentry, tracepoint"),
 ])
 def test_bad_values_name_the_key(body, key, words):
     with pytest.raises(ConfigError) as info:

@@ -3,7 +3,9 @@
     python -m tests.vm.matrix [--kernels "5.10 6.1 6.12 7.2 host"] [--subset NAME]
 
 KERNELS= (or --kernels) picks the rows; `host` is this machine's own kernel,
-run without a VM. Each VM shares this machine's root filesystem copy-on-write
+run without a VM; `6.1+fentry` boots 6.1 with an lsm= that leaves bpf out,
+where the daemon must pick the fentry backend, `6.1+lsm` with one that
+names bpf (plain 6.1 and 6.12 have bpf in their built-in LSM list: lsm). Each VM shares this machine's root filesystem copy-on-write
 (virtme-ng), so the venv and the build are the ones under test; results come
 back through one writable dir. Prints a table of kernel x programs loaded x
 backend x tests passed/failed/skipped x seconds, and exits 1 when any row
@@ -59,9 +61,30 @@ VM_CPUS = "2"
 # this machine's cores with whatever else runs).
 TCG_SLOWDOWN = "4"
 KVM_PROBE_SECONDS = 60
+# Row variants: name suffix -> kernel command line and the backend auto must
+# pick. Debian 12's and 13's kernels list bpf in their built-in CONFIG_LSM,
+# so their plain rows run lsm; +fentry boots them with an lsm= that leaves
+# bpf out, +lsm with one that names it.
+LSM_APPEND = "lsm=landlock,lockdown,yama,apparmor,bpf"
+NO_BPF_LSM_APPEND = "lsm=landlock,lockdown,yama,apparmor"
+VARIANTS = {"lsm": {"append": LSM_APPEND, "backend": "lsm"},
+            "fentry": {"append": NO_BPF_LSM_APPEND, "backend": "fentry"}}
+# Subsets a variant row runs (the packaging boot is the same on every variant).
+VARIANT_SUBSETS = ("matrix", "kernel", "custom")
+# The backend auto picks on each plain VM row: 5.10 has no bpf_task_pt_regs;
+# the others boot with bpf among their LSMs (CONFIG_LSM).
+PLAIN_BACKEND = {"5.10": "tracepoint", "6.1": "lsm", "6.12": "lsm"}
 
 
-def _say(msg: str) -> None:
+def split_row(row: str) -> tuple[str, str | None]:
+    """'6.1+lsm' -> ('6.1', 'lsm'); '6.1' -> ('6.1', None)."""
+    name, _, variant = row.partition("+")
+    if variant and variant not in VARIANTS:
+        raise kernels.FetchError(f"unknown row variant {variant!r} in {row!r}: choose from {', '.join(VARIANTS)}")
+    return name, variant or None
+
+
+def say(msg: str) -> None:
     print(msg, flush=True)
 
 
@@ -70,6 +93,20 @@ def _vng() -> str:
     if not found:
         raise SystemExit("error: vng (virtme-ng) not found: run `make venv` first")
     return found
+
+
+def vng_argv(k: kernels.Kernel, mode: str, rwdir: str, command: str, *, memory: str = VM_MEMORY,
+             append: str = "", network: bool = False) -> list[str]:
+    """virtme-ng booting kernel k (mode "kvm" or "tcg") to run one shell
+    command, with rwdir writable from the guest."""
+    argv = [_vng(), "-r", kernels.image_path(k), "--memory", memory, "--cpus", VM_CPUS, "--rwdir", rwdir]
+    if mode == "tcg":
+        argv.insert(1, "--disable-kvm")
+    if append:
+        argv += ["--append", append]
+    if network:
+        argv += ["--network", "user"]
+    return argv + ["--exec", command]
 
 
 def _run_group(argv: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
@@ -86,7 +123,7 @@ def _run_group(argv: list[str], timeout: float, **kw) -> subprocess.CompletedPro
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
-def _run_logged(argv: list[str], timeout: float, log_path: str) -> int:
+def run_logged(argv: list[str], timeout: float, log_path: str) -> int:
     """Run argv in its own process group, its output to log_path and to our
     stdout, through a pipe: virtme reopens its stdout by path and would
     truncate a file we were redirected to. On timeout the group is ended."""
@@ -111,7 +148,7 @@ def _boot_id() -> str:
         return f.read().strip()
 
 
-def accel(k: kernels.Kernel, log=_say) -> str:
+def accel(k: kernels.Kernel, log=say) -> str:
     """"kvm" if a guest really boots and runs a command under KVM here, else
     "tcg". Asked once per boot of this machine (a failed probe costs a minute)."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -161,15 +198,22 @@ def _failed_names(path: str) -> list[str]:
             if c.find("failure") is not None or c.find("error") is not None]
 
 
-def run_one(name: str, subset: str, append: str, timeout: float, log=_say) -> dict:
-    """One row: boot `name` (or run on this machine for "host"), run the subset."""
+def run_one(row: str, subset: str, append: str, timeout: float, log=say) -> dict:
+    """One row: boot `row`'s kernel (or run on this machine for "host"), run the subset."""
+    name, variant = split_row(row)
     tests = SUBSETS[subset]
     env = dict(SUBSET_ENV.get(subset, {}))
+    if variant:
+        append = " ".join(x for x in (append, VARIANTS[variant]["append"]) if x)
+        env["TAPIO_EXPECT_BACKEND"] = VARIANTS[variant]["backend"]
+    elif name in PLAIN_BACKEND and not append:
+        env["TAPIO_EXPECT_BACKEND"] = PLAIN_BACKEND[name]
     if subset == "packaging":
         # Built here (the guest has no build dependencies and runs TCG); the
         # guest installs it into its Debian 12 root and boots that root.
         env["TAPIO_DEB"] = _deb(log)
-    out = os.path.join(RESULTS, "-".join([name, subset] + ([append.split("=")[0]] if append else [])))
+    out = os.path.join(RESULTS, "-".join([row.replace("+", "-"), subset]
+                                         + ([append.split("=")[0]] if append and not variant else [])))
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     guest = [sys.executable if name == "host" else os.path.join(REPO, ".venv", "bin", "python"),
@@ -178,7 +222,7 @@ def run_one(name: str, subset: str, append: str, timeout: float, log=_say) -> di
     t0 = time.monotonic()
     console = os.path.join(out, "console.log")
     if name == "host":
-        rc = _run_logged(guest, timeout, console)
+        rc = run_logged(guest, timeout, console)
         mode = "none"
     else:
         k = kernels.BY_NAME[name]
@@ -187,18 +231,11 @@ def run_one(name: str, subset: str, append: str, timeout: float, log=_say) -> di
         guest.insert(guest.index("--"), "--private-tmp")
         if mode == "tcg":
             guest.insert(guest.index("--"), f"--env=TAPIO_TEST_SLOWDOWN={TCG_SLOWDOWN}")
-        argv = [_vng(), "-r", kernels.image_path(k), "--memory", SUBSET_MEMORY.get(subset, VM_MEMORY),
-                "--cpus", VM_CPUS,
-                "--rwdir", out]
-        if mode == "tcg":
-            argv.insert(1, "--disable-kvm")
-        if append:
-            argv += ["--append", append]
-        if subset in SUBSET_NETWORK:
-            argv += ["--network", "user"]
-        argv += ["--exec", " ".join(_quote(a) for a in guest)]
+        argv = vng_argv(k, mode, out, " ".join(_quote(a) for a in guest),
+                        memory=SUBSET_MEMORY.get(subset, VM_MEMORY), append=append,
+                        network=subset in SUBSET_NETWORK)
         log(f"{name}: booting {k.release} ({mode.upper()}), running {len(tests)} test paths")
-        rc = _run_logged(argv, timeout, console)
+        rc = run_logged(argv, timeout, console)
     seconds = time.monotonic() - t0
     try:
         with open(os.path.join(out, "summary.json")) as f:
@@ -210,7 +247,7 @@ def run_one(name: str, subset: str, append: str, timeout: float, log=_say) -> di
     counts = _junit_counts(os.path.join(out, "junit.xml"))
     ok = rc == 0 and summary.get("pytest_rc") == 0 and counts["failed"] == 0 \
         and counts["passed"] > 0 and "load_error" not in summary
-    return {"kernel": name, "subset": subset, "release": summary.get("release", ""), "accel": mode,
+    return {"kernel": row, "subset": subset, "release": summary.get("release", ""), "accel": mode,
             "programs": len(summary.get("programs", [])), "backend": summary.get("backend", "-"),
             "path_source": summary.get("path_source", "-"), **counts, "seconds": round(seconds),
             "ok": ok, "features_off": summary.get("features_off", []),
@@ -268,6 +305,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--subset", default=os.environ.get("VM_SUBSET", "matrix"),
                    help="which tests run in each VM, space separated: " + ", ".join(SUBSETS)
                         + " (default: matrix, the named subset)")
+    p.add_argument("--tests", default=os.environ.get("VM_TESTS", ""),
+                   help="pytest paths to run instead of a named subset (space separated)")
     p.add_argument("--append", default=os.environ.get("VM_APPEND", ""),
                    help="kernel command-line words for the guests, e.g. lsm=...,bpf")
     p.add_argument("--timeout", type=float, default=float(os.environ.get("VM_TIMEOUT", 1800)),
@@ -275,7 +314,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     names = args.kernels.replace(",", " ").split()
     try:
-        kernels.select(" ".join(n for n in names if n != "host"))
+        kernels.select(" ".join(split_row(n)[0] for n in names if n != "host"))
     except kernels.FetchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -283,6 +322,9 @@ def main(argv: list[str]) -> int:
         print("error: the kernel tests need root (run as root)", file=sys.stderr)
         return 2
     subsets = args.subset.replace(",", " ").split()
+    if args.tests:
+        SUBSETS["custom"] = args.tests.split()
+        subsets = ["custom"]
     unknown = [x for x in subsets if x not in SUBSETS]
     if unknown:
         print(f"error: unknown subset {unknown[0]!r}: choose from {', '.join(SUBSETS)}", file=sys.stderr)
@@ -290,6 +332,8 @@ def main(argv: list[str]) -> int:
     rows = []
     for name in names:
         for subset in subsets:
+            if split_row(name)[1] and subset not in VARIANT_SUBSETS:
+                continue   # e.g. packaging: the same boot on every variant
             try:
                 rows.append(run_one(name, subset, args.append, args.timeout))
             except kernels.FetchError as exc:
