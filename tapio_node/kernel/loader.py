@@ -31,7 +31,7 @@ CORRELATION_PROGRAMS = ("track_fork", "track_exec", "track_exit", "track_attach"
 # Programs that report accesses (recursion misses of these are lost opens).
 ACCESS_PROGRAMS = (*(n for n in TRACEPOINT_OF if n.startswith("trace_config_access")),
                    *backends.HOOK_PROGRAMS.values())
-# A hook must show it runs within this long after attach (one open of ours).
+# Opened once after a hook attaches: the hook must be seen to run on it.
 HOOK_PROOF_FILE = "/proc/self/stat"
 # The object built from bpf/tapio.bpf.c, and the same without kfuncs.
 OBJECTS = ("tapio.bpf.o", "tapio-nokfunc.bpf.o")
@@ -153,21 +153,22 @@ class Kernel:
             self.obj.attach(prog)
         except self._fast.BpfError as exc:
             return f"attach failed: {exc}"
-        before = self.maps_stat(wire.STAT_PROBE)
+        before = self._stat_sums()[wire.STAT_PROBE]
         self.obj.set_u32(".bss", "probe_tgid", os.getpid())
         try:
             os.close(os.open(HOOK_PROOF_FILE, os.O_RDONLY))
         finally:
             self.obj.set_u32(".bss", "probe_tgid", 0)
-        if self.maps_stat(wire.STAT_PROBE) > before:
+        if self._stat_sums()[wire.STAT_PROBE] > before:
             return None
         self.obj.detach(prog)
         if prog == backends.HOOK_PROGRAMS[backends.LSM]:
             return "attached, but the hook never ran: bpf is not an active LSM (" + backends.ENABLE_LSM + ")"
         return "attached, but the hook never ran"
 
-    def maps_stat(self, index: int) -> int:
-        return self.obj.map("stats").percpu_sums(wire.STAT_MAX)[index]
+    def _stat_sums(self) -> list[int]:
+        """The per-CPU stats map summed, one value per TAPIO_STAT_* index."""
+        return self.obj.map("stats").percpu_sums(wire.STAT_MAX)
 
     def _load(self, rb_size, sampling_rate, pod_correlation, *, use_stash: bool, hooks) -> object:
         obj = self._fast.BpfObject(object_path(self.features))
@@ -228,7 +229,7 @@ class Kernel:
         self.obj.set_u32(".bss", "wakeup_bytes", n)
 
     def stats(self) -> dict[str, int]:
-        v = self.maps["stats"].percpu_sums(wire.STAT_MAX)
+        v = self._stat_sums()
         # Runs of the open programs the kernel skipped (another BPF program
         # or a BPF syscall held the CPU): opens never seen at all.
         skipped = sum(self.obj.recursion_misses(name) for name in self.obj.attached()
