@@ -72,8 +72,8 @@ class Attributor:
                 workload = ev.Workload(meta.workload_kind, meta.workload_name)
             src = meta.resolve(vol.name, key)
             if src is not None:
-                if src.name:
-                    config_name, config_name_source = src.name, "pod_spec"
+                # Resolved by the spec, downward-API keys (no object name) included.
+                config_name, config_name_source = src.name or config_name, "pod_spec"
                 source_kind, source_key = src.kind, src.key
         flags, op = rec.flags, rec.op
         make = ev.OverflowAccessEvent if overflow else ev.AccessEvent

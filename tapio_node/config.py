@@ -63,6 +63,13 @@ class KernelCollector(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kubeconfig: str | None = None
     node_name: str | None = None
     static_pods_path: str = "/etc/kubernetes/manifests"
+    # The access store (<state_path>/access.db) and `tapio-node report`.
+    state_path: str = "/var/lib/tapio-node"
+    retention_days: int = 90
+    # Seconds, or a duration such as 30s, 10m, 24h, 7d: new (reader,
+    # object) pairs are learned, not alerted on, this long after the
+    # store was created.
+    learning_period: str | float = "24h"
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True):
@@ -142,6 +149,7 @@ SIZE_LIMITS = {
     "buffer_size": (1, 100_000),
     "metrics_max_series": (1, 1_000_000),
     "max_watched_files": (16, 1 << 22),
+    "retention_days": (1, 3650),
 }
 # The ring is mapped into the daemon: it counts in its RSS.
 MAX_RING_BUFFER = 1 << 28
@@ -174,6 +182,14 @@ def validate(kc: KernelCollector, source: str | None, explicit: set | frozenset 
     _dir_or_parent(kc, "pod_logs_path", source, explicit)
     _need_abs(kc, "pin_path", source)
     _need_abs(kc, "static_pods_path", source)
+    # Made at start when missing (the unit's StateDirectory= makes it).
+    _dir_or_parent(kc, "state_path", source, explicit)
+    try:
+        seconds = duration_seconds(kc.learning_period)
+    except ValueError as exc:
+        bad("learning_period", str(exc))
+    if not 0 <= seconds <= 365 * 86400:
+        bad("learning_period", "must be between 0 and 365d")
     if kc.cgroup_root != "auto":
         if not os.path.isdir(_need_abs(kc, "cgroup_root", source)):
             bad("cgroup_root", f"{kc.cgroup_root} is not a directory (use auto to find the cgroup v2 mount)")
@@ -190,6 +206,26 @@ def validate(kc: KernelCollector, source: str | None, explicit: set | frozenset 
         split_listen_address(kc.listen_address)
     except ValueError as exc:
         bad("listen_address", str(exc))
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+
+
+def duration_seconds(value) -> float:
+    """30, "30s", "10m", "24h", "7d", "2w" -> seconds; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as 24h or 7d, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ValueError(f"expected a duration such as 30s, 10m, 24h or 7d, got {value!r}")
+        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"expected a duration >= 0, got {value!r}")
+    return seconds
 
 
 def split_listen_address(addr: str) -> tuple[str, int]:
@@ -230,4 +266,5 @@ def plugins_for(kc: KernelCollector) -> dict[str, str]:
 # Keys a SIGHUP reload does not apply: the daemon keeps the old value until restarted.
 RESTART_KEYS = ("ring_buffer_size", "hook_backend", "pin_path", "listen_address", "syscall_sampling_rate",
                 "enable_ebpf", "enable_pod_correlation", "kubelet_pods_path", "cgroup_root",
-                "pod_logs_path", "kubeconfig", "node_name", "static_pods_path", "buffer_size")
+                "pod_logs_path", "kubeconfig", "node_name", "static_pods_path", "buffer_size",
+                "state_path")

@@ -17,7 +17,8 @@ import msgspec
 
 from tapio_node import __version__, events as ev, host
 from tapio_node.attribution import Attributor, count_access, overflow_record
-from tapio_node.config import RESTART_KEYS, ConfigError, KernelCollector, load_config, plugins_for
+from tapio_node.config import (RESTART_KEYS, ConfigError, KernelCollector, duration_seconds, load_config,
+                               node_name_of, plugins_for)
 from tapio_node.kernel.records import REC_ACCESS
 from tapio_node.outputs import NullSink, open_sink
 
@@ -44,6 +45,9 @@ PERIODIC_SECONDS = 1.0
 DRAIN_BUDGET_SECONDS = 0.05
 # Overflow counts are drained one flip after they were written: this often.
 OVERFLOW_SECONDS = 0.25
+# The access store's mount inventory is taken this often (last_mounted's
+# resolution); the access rows go every PERIODIC_SECONDS.
+MOUNT_INVENTORY_SECONDS = 30.0
 
 
 
@@ -73,6 +77,10 @@ class Daemon:
         self.http = None
         self.sink = NullSink()
         self.metrics = None
+        self.store = None
+        self.row_keys = None
+        self.alerts = None
+        self._next_inventory = 0.0
         self.events_processed = 0
         self.unresolved = 0
         self.failed_groups = 0
@@ -208,6 +216,7 @@ class Daemon:
             self._start_pods()
         self._start_podspecs()
         self.attribution.pods, self.attribution.podspecs = self.pods, self.podspecs
+        self._start_store()
         self.sink = open_sink(self.output, self.clock, stream=self.stream,
                               journal_fold_window=kc.journal_fold_window)
         from tapio_node.httpd import serve
@@ -253,6 +262,34 @@ class Daemon:
 
         self.podspecs = from_config(self.kc, metrics=self.metrics)
         self.podspecs.start()
+
+    def _start_store(self) -> None:
+        from tapio_node.store import AccessStore
+        from tapio_node.store.alerts import NewReaderAlerts
+        from tapio_node.store.rows import RowKeys
+
+        kc = self.kc
+        self.row_keys = RowKeys(self.podspecs)
+        self.alerts = NewReaderAlerts()
+        self.store = AccessStore(kc.state_path, kc.retention_days, duration_seconds(kc.learning_period),
+                                 node_name=node_name_of(kc), on_new_reader=self._new_reader,
+                                 max_objects=kc.metrics_max_series)
+        if self.store.open():
+            log.info("access store %s", self.store.path)
+        self.metrics.register_store(self.store)
+        self._inventory(time.monotonic())
+        self.store.start()
+
+    def _inventory(self, now: float) -> None:
+        from tapio_node.store.rows import mount_rows
+
+        self._next_inventory = now + MOUNT_INVENTORY_SECONDS
+        self.store.mounted(mount_rows(self.volumes, self.pods, self.podspecs))
+
+    def _new_reader(self, pair: tuple, key: tuple) -> None:
+        _kind, _ns, _workload, namespace, kind, name = pair
+        self.metrics.new_reader(namespace, kind, name)
+        self.alerts.send(key)
 
     def _setup_loop(self) -> None:
         self._epoll = select.epoll()
@@ -401,6 +438,10 @@ class Daemon:
         self.volumes.prune_graveyard()
         if self.metrics is not None:
             self.metrics.expire(self.volumes.volumes.keys(), now)
+        if self.store is not None:
+            if now >= self._next_inventory:
+                self._inventory(now)
+            self.store.tick()
         self._set_status()
         self.notifier.status(self.status_text)
 
@@ -456,6 +497,11 @@ class Daemon:
         metrics = self.metrics
         count_access(metrics, event, vol, count)
         last = rec.last_ts
+        store = self.store
+        if store is not None:
+            off = self.clock.offset_ns
+            store.add(self.row_keys.access(event, vol), bool(event.cross_pod), count,
+                      (rec.first_ts + off) / 1e9, (last + off) / 1e9)
         self.sink.emit(event, count, rec.first_ts, last, rec.stamps)
         metrics.processing(event.event_type, time.perf_counter() - t0)
         metrics.latency((now_ns - last) / 1e9)
@@ -531,6 +577,10 @@ class Daemon:
         if plugins_for(new) != plugins_for(old):
             self.volumes.plugins = plugins_for(new)
             self.volumes.scan_all()
+        if self.store is not None:
+            self.store.retention_days = new.retention_days
+            self.store.learning_until += duration_seconds(new.learning_period) - self.store.learning_period
+            self.store.learning_period = duration_seconds(new.learning_period)
         if new.journal_fold_window != old.journal_fold_window and self.output == "journal":
             self.sink.window = new.journal_fold_window
         log.info("configuration reloaded from %s", self.config_path or "defaults")
@@ -544,6 +594,11 @@ class Daemon:
                 self._drain_overflow(everything=True)
         except Exception:
             log.exception("final drain")
+        if self.store is not None:
+            try:
+                self.store.close()
+            except Exception:
+                log.exception("closing the access store")
         for part in (self.sink, self.http, self.podspecs, self.pods, self.volumes):
             if part is None:
                 continue

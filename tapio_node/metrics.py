@@ -152,6 +152,65 @@ class _StateCollector(Collector):
                          state.last_event_age_seconds)
 
 
+# Object kinds the per-object gauges leave out: a downward-API file
+# names no object (its "name" is a per-pod volume name).
+_NO_OBJECT_KINDS = ("downwardAPI",)
+
+
+def _object_label(kind: str, name: str) -> str:
+    return SA_VOLUME_LABEL if kind == "projected" and _SA_VOLUME.fullmatch(name) else name
+
+
+class _StoreCollector(Collector):
+    """The access store's state and the per-node object gauges, at scrape time."""
+
+    def __init__(self, store, max_series: int):
+        self._store = store
+        self._max = max_series
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        st, p = self._store, PREFIX
+        yield _gauge(f"{p}_store_up", "1 if the last access store open or write worked", int(st.up))
+        errors = CounterMetricFamily(f"{p}_store_errors", "Access store failures (collection goes on), "
+                                     "by operation: open, write, prune", labels=["operation"])
+        for op, n in list(st.errors.items()):
+            errors.add_metric([op], n)
+        yield errors
+        yield CounterMetricFamily(f"{p}_store_rows_dropped",
+                                  "Aggregated access rows not stored: too many distinct rows "
+                                  "between writes, or kept too long by a failing store",
+                                  value=st.rows_dropped + st.retry_dropped)
+        yield CounterMetricFamily(f"{p}_store_writes", "Batched access store transactions written",
+                                  value=st.writes)
+        mounted = GaugeMetricFamily(f"{p}_volume_mounted", "1 while the object is mounted on this node",
+                                    labels=["namespace", "kind", "name"])
+        seen = set()
+        for ns, kind, name in st.mounted_objects:
+            if kind in _NO_OBJECT_KINDS or len(seen) >= self._max:
+                continue
+            labels = (ns, kind, _object_label(kind, name))
+            if labels not in seen:
+                seen.add(labels)
+                mounted.add_metric(list(labels), 1)
+        yield mounted
+        last = GaugeMetricFamily(f"{p}_last_access_timestamp_seconds",
+                                 "Unix time of the last read of a file of the object on this node",
+                                 labels=["namespace", "kind", "name"])
+        best: dict[tuple, float] = {}
+        for (ns, kind, name), ts in list(st.last_access.items()):
+            if kind in _NO_OBJECT_KINDS:
+                continue
+            labels = (ns, kind, _object_label(kind, name))
+            if labels in best or len(best) < self._max:
+                best[labels] = max(ts, best.get(labels, 0.0))
+        for labels, ts in best.items():
+            last.add_metric(list(labels), ts)
+        yield last
+
+
 def _gauge(name, doc, value):
     g = GaugeMetricFamily(name, doc)
     g.add_metric([], value)
@@ -191,6 +250,10 @@ class Metrics:
         self._http_refused = Counter(f"{p}_http_connections_refused",
                                      "Connections to listen_address closed unserved (too many, idle too long)",
                                      ["reason"], registry=r)
+        self._new_reader = Counter(f"{p}_new_reader",
+                                   "Readers (workload, host unit or kubelet) of an object never seen "
+                                   "reading it before, after the learning period",
+                                   ["namespace", "kind", "name"], registry=r)
         self._series: set[tuple] = set()
         # Access series -> the volumes that counted in it; ownerless series
         # -> when they are deleted (expire()).
@@ -268,6 +331,14 @@ class Metrics:
             self._children.pop(series, None)
             self._series.discard(series)
         return len(gone)
+
+    def new_reader(self, namespace: str, kind: str, name: str) -> None:
+        self._child("new_reader", self._new_reader, (namespace, kind, name)).inc()
+
+    def register_store(self, store) -> None:
+        """Export the access store's health and its per-object gauges
+        (a tapio_node.store.AccessStore), read at each scrape."""
+        self.registry.register(_StoreCollector(store, self.max_series))
 
     def http_refused(self, reason: str) -> None:
         """A connection closed unserved: "too_many" or "idle" (a fixed set)."""

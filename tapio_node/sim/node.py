@@ -551,6 +551,8 @@ class SimulatedNode:
             "node_name": self.node_name,
             "pin_path": self.pin_path,
             "listen_address": f"127.0.0.1:{_free_port()}",
+            # Each node its own access store, removed with the node.
+            "state_path": os.path.join(self.base_dir, "var/lib/tapio-node"),
         }
         kc.update(overrides)
         return yaml.safe_dump({"kernel_collector": kc}, sort_keys=False)

@@ -175,3 +175,11 @@ def test_a_projected_key_from_a_secret_also_counts_for_the_secret():
     assert s[("kernel_monitor_projected_access_total", (("namespace", "prod"), ("volume", "bundle")))] == 2
     assert s[("kernel_monitor_secret_access_total",
               (("namespace", "prod"), ("secret", "db-credentials")))] == 2
+
+
+def test_a_downward_api_key_the_spec_resolved_says_pod_spec():
+    meta = pod_meta(key_source("downwardAPI", None, "metadata.namespace"))
+    vol = volume(kind="projected", name="kube-api-access-abcde")
+    event, _ = Attributor(Volumes(vol, key="namespace"), Clock(), podspecs=Specs(meta)).access(access())
+    assert (event.config_name, event.config_name_source, event.source_kind) == \
+        ("kube-api-access-abcde", "pod_spec", "downwardAPI")

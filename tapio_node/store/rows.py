@@ -1,0 +1,102 @@
+"""What one access and one mounted file become in the store: the row keys
+(schema.ACCESS_KEY, schema.MOUNT_KEY + MOUNT_NAMES), built from the event
+the daemon already made and from the volume index."""
+from __future__ import annotations
+
+from tapio_node import host
+
+# An accessor's kind in the store and the report: a contract.
+POD, HOST, KUBELET = "pod", "host", "kubelet"
+# The automounted service-account volume: the least-privilege section
+# covers it (automountServiceAccountToken), dead-config does not.
+SA_VOLUME_PREFIX = "kube-api-access-"
+# Host cgroups remembered per cgroup id (bounded: ids of gone cgroups pile up).
+MAX_HOST_CGROUPS = 4096
+
+
+def workload_of(meta, pod_name: str | None) -> str:
+    """"Kind/name" of the pod's controller, "Pod/<name>" for a bare pod, '' unknown."""
+    if meta is not None and meta.workload_kind and meta.workload_name:
+        return f"{meta.workload_kind}/{meta.workload_name}"
+    return f"Pod/{pod_name}" if pod_name else ""
+
+
+def object_kind(vol_kind: str, source_kind: str | None) -> str:
+    """The object behind a file: the pod spec's source kind when known
+    (configmap, secret, serviceAccountToken, downwardAPI ...), else the volume's kind."""
+    return source_kind or vol_kind
+
+
+class RowKeys:
+    """Builds access keys; podspecs: the daemon's pod specs (or None)."""
+
+    def __init__(self, podspecs=None):
+        self.podspecs = podspecs
+        self._host_cgroups: dict[int, str] = {}
+
+    def host_cgroup(self, cgroup_id: int, pid: int) -> str:
+        path = self._host_cgroups.get(cgroup_id)
+        if path is None:
+            try:
+                path = host.cgroup_v2_path(host.proc_cgroup(pid)) or ""
+            except OSError:
+                path = ""  # gone already: not cached, the next access may tell
+                return path
+            if len(self._host_cgroups) >= MAX_HOST_CGROUPS:
+                self._host_cgroups.clear()
+            self._host_cgroups[cgroup_id] = path
+        return path
+
+    def _meta(self, uid: str | None):
+        return self.podspecs.get(uid) if self.podspecs is not None and uid else None
+
+    def access(self, event, vol) -> tuple:
+        """The access key of an attributed event (schema.ACCESS_KEY order)."""
+        w = event.workload
+        owner_workload = (f"{w.kind}/{w.name}" if w is not None
+                          else f"Pod/{event.pod_name}" if event.pod_name else "")
+        proc = event.process
+        cgroup = ""
+        if proc.role == "kubelet":
+            kind, acc_ns, acc_workload, acc_pod = KUBELET, "", "kubelet", ""
+        elif proc.pod_uid:
+            kind, acc_ns, acc_pod = POD, proc.namespace or "", proc.pod_name or ""
+            acc_workload = (owner_workload if proc.pod_uid == vol.pod_uid
+                            else workload_of(self._meta(proc.pod_uid), proc.pod_name))
+        else:
+            cgroup = self.host_cgroup(proc.cgroup_id, proc.pid)
+            kind, acc_ns, acc_pod = HOST, "", ""
+            # A host program is known by its unit (its cgroup), else by its name.
+            acc_workload = cgroup or proc.command
+        return (event.namespace or "", event.pod_name or "", vol.pod_uid, owner_workload,
+                vol.kind, object_kind(vol.kind, event.source_kind), event.config_name,
+                vol.name, event.file, kind, acc_ns, acc_workload, acc_pod,
+                proc.container_id or "", cgroup, proc.command)
+
+
+def mount_rows(volumes, pods=None, podspecs=None) -> list[tuple]:
+    """One row per watched file (MOUNT_KEY + MOUNT_NAMES order), named as
+    events name them (pod spec first, then the volume)."""
+    names: dict[str, tuple] = {}
+    rows = []
+    for wf in list(volumes.files.values()):
+        vol = wf.volume
+        got = names.get(vol.pod_uid)
+        if got is None:
+            ns = pod = None
+            if pods is not None:
+                ns, pod = pods.pod_names(vol.pod_uid)
+            meta = podspecs.get(vol.pod_uid) if podspecs is not None else None
+            if meta is None and podspecs is not None and ns and pod:
+                meta = podspecs.get_by_name(ns, pod)
+            if meta is not None:
+                ns, pod = ns or meta.namespace, pod or meta.name
+            got = names[vol.pod_uid] = (ns or vol.namespace or "", pod or "", workload_of(meta, pod), meta)
+        ns, pod, workload, meta = got
+        kind, name = vol.kind, vol.config_name or vol.name
+        if meta is not None:
+            src = meta.resolve(vol.name, wf.key)
+            if src is not None:
+                kind, name = src.kind, src.name or name
+        rows.append((vol.pod_uid, vol.name, wf.key, kind, name, ns, pod, workload, vol.kind))
+    return rows
