@@ -35,6 +35,64 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                         "(default: /etc/tapio-node/config.yaml if present, else built-in defaults)")
 
 
+REPORT_DESCRIPTION = """\
+Answer questions from what actually happened on this node, from the
+daemon's access store (<state_path>/access.db, read-only: works while the
+daemon runs). Without SECTION: a summary of every section.
+
+sections:
+  unused            ConfigMaps/Secrets and keys mounted for at least --since and
+                    never read by their pods, per workload (dead config)
+  readers           per object: which workloads, containers, host units and the
+                    kubelet read it, how often, when last (--object to pick one)
+  least-privilege   workloads that mount a Secret or service-account token they
+                    never read, with the pod-spec change that drops it
+  cross-pod         reads of another pod's volume, host reads, cross-namespace
+  blast-radius      who reads (and mounts) --object NAMESPACE/NAME: who is
+                    affected by changing it
+  top               the most read objects
+  new               (reader workload, object) pairs first seen within --since
+"""
+
+REPORT_EPILOG = """\
+examples:
+  tapio-node report
+  tapio-node report unused --since 30d
+  tapio-node report blast-radius --object shop/web-tls
+  tapio-node report --format json | jq '.least_privilege[].suggestion'
+  tapio-node report --prometheus http://prometheus:9090 unused
+
+--format json prints one object with one key per section (unused, readers,
+least_privilege, cross_pod, blast_radius, top, new); see tapio-node(8),
+REPORT JSON. Exit status 0, 1 when the store cannot be read, 2 bad usage.
+"""
+
+
+def _add_report(sub) -> None:
+    from tapio_node.report.queries import SECTIONS
+
+    rep = sub.add_parser("report", help="answers from the access store: unused config, readers, "
+                                        "least privilege, cross-pod reads, blast radius, top, new",
+                         description=REPORT_DESCRIPTION, epilog=REPORT_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config(rep)
+    rep.add_argument("section", nargs="?", choices=list(SECTIONS), metavar="SECTION",
+                     help="one of: " + ", ".join(SECTIONS) + " (default: all)")
+    rep.add_argument("--since", default="7d", metavar="DURATION",
+                     help="the window: 30s, 10m, 24h, 7d, 2w; 0 for everything the store "
+                          "holds (default: 7d)")
+    rep.add_argument("--format", "-f", choices=["table", "json", "markdown"], default="table",
+                     help="table (fits the terminal), json (the contract in tapio-node(8)), "
+                          "markdown (default: table)")
+    rep.add_argument("--object", metavar="NAMESPACE/NAME",
+                     help="the ConfigMap or Secret for readers and blast-radius")
+    rep.add_argument("--limit", type=int, default=20, metavar="N",
+                     help="objects in top (default: 20)")
+    rep.add_argument("--prometheus", metavar="URL",
+                     help="answer unused, readers and cross-pod for the whole cluster from this "
+                          "Prometheus server's HTTP API instead of this node's store")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tapio-node", description=DESCRIPTION, epilog=EPILOG,
@@ -63,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "when the daemon could not run here.")
     _add_config(check)
 
+    _add_report(sub)
+
     demo = sub.add_parser(
         "demo", help="run against a simulated node (no cluster needed)",
         description="Build a simulated kubelet tree in a temp dir (pods with ConfigMap, "
@@ -88,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         from tapio_node import check
 
         return check.main(args.config)
+    if args.command == "report":
+        from tapio_node.report import main as report_main
+
+        return report_main(args)
     if args.command == "demo":
         from tapio_node.sim.demo import run_demo
 

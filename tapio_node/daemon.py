@@ -81,6 +81,7 @@ class Daemon:
         self.row_keys = None
         self.alerts = None
         self._next_inventory = 0.0
+        self._inventory_mark = ()
         self.events_processed = 0
         self.unresolved = 0
         self.failed_groups = 0
@@ -284,7 +285,13 @@ class Daemon:
         from tapio_node.store.rows import mount_rows
 
         self._next_inventory = now + MOUNT_INVENTORY_SECONDS
+        self._inventory_mark = self._inventory_state()
         self.store.mounted(mount_rows(self.volumes, self.pods, self.podspecs))
+
+    def _inventory_state(self) -> tuple:
+        # What, when it changes, makes the inventory stale before its time.
+        return (len(self.volumes.volumes), self.volumes.file_count,
+                getattr(self.podspecs, "version", 0))
 
     def _new_reader(self, pair: tuple, key: tuple) -> None:
         _kind, _ns, _workload, namespace, kind, name = pair
@@ -439,7 +446,7 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.expire(self.volumes.volumes.keys(), now)
         if self.store is not None:
-            if now >= self._next_inventory:
+            if now >= self._next_inventory or self._inventory_state() != self._inventory_mark:
                 self._inventory(now)
             self.store.tick()
         self._set_status()

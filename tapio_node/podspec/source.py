@@ -127,6 +127,7 @@ class PodSpecs:
         self._static: list[PodMeta] = []
         self._gone: dict[str, tuple[float, PodMeta]] = {}
         self._snap = _Snapshot()
+        self.version = 0  # grows with each change of the specs (the access store's inventory follows)
         self._write = threading.Lock()
         self._changed = threading.Condition()
         self._stop = threading.Event()
@@ -205,6 +206,7 @@ class PodSpecs:
                             by_uid[uid] = m
                     by_name[(m.namespace, m.name)] = m
             self._snap = _Snapshot(by_uid, by_name)
+            self.version += 1
             if self._m:
                 self._m.pods.labels("api").set(len(self._api))
                 self._m.pods.labels("static").set(len(self._static))

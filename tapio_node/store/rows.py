@@ -14,11 +14,18 @@ SA_VOLUME_PREFIX = "kube-api-access-"
 MAX_HOST_CGROUPS = 4096
 
 
-def workload_of(meta, pod_name: str | None) -> str:
-    """"Kind/name" of the pod's controller, "Pod/<name>" for a bare pod, '' unknown."""
-    if meta is not None and meta.workload_kind and meta.workload_name:
-        return f"{meta.workload_kind}/{meta.workload_name}"
+def workload_name(kind: str | None, name: str | None, pod_name: str | None) -> str:
+    """"Kind/name" of the pod's controller, "Pod/<name>" for a bare pod, '' unknown.
+    A static pod's owner is its Node: each static pod is its own workload."""
+    if kind and name and kind != "Node":
+        return f"{kind}/{name}"
     return f"Pod/{pod_name}" if pod_name else ""
+
+
+def workload_of(meta, pod_name: str | None) -> str:
+    if meta is None:
+        return workload_name(None, None, pod_name)
+    return workload_name(meta.workload_kind, meta.workload_name, pod_name)
 
 
 def object_kind(vol_kind: str, source_kind: str | None) -> str:
@@ -53,8 +60,7 @@ class RowKeys:
     def access(self, event, vol) -> tuple:
         """The access key of an attributed event (schema.ACCESS_KEY order)."""
         w = event.workload
-        owner_workload = (f"{w.kind}/{w.name}" if w is not None
-                          else f"Pod/{event.pod_name}" if event.pod_name else "")
+        owner_workload = workload_name(w.kind if w else None, w.name if w else None, event.pod_name)
         proc = event.process
         cgroup = ""
         if proc.role == "kubelet":
