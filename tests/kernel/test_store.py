@@ -370,3 +370,64 @@ def test_report_snapshot(sim_node, daemon_factory, shop):
     out = report(cfg, "--since", "0s", fmt="table")
     assert max(len(line) for line in out.splitlines()) <= 140
     assert report(cfg, "readers", "--since", "1h", fmt="markdown").startswith("# tapio-node report")
+
+
+# The daemon inside test_journald's private namespace (its own journald on
+# a tmpfs /run, its own network namespace, so lo is brought up for
+# /healthz); the readers run out here, BPF sees them all the same.
+DAEMON_IN_JOURNAL_NS = r"""
+ip link set lo up
+"$PY" -m tapio_node run --config "$CFG" --output none 2>"$T/daemon.stderr" &
+D=$!
+i=0
+until "$PY" -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=1)" "$HEALTHZ" 2>/dev/null; do
+  i=$((i+1)); [ "$i" -lt 600 ] || { kill "$D"; echo "daemon not ready" >&2; cat "$T/daemon.stderr" >&2; exit 4; }
+  kill -0 "$D" || { echo "daemon exited" >&2; cat "$T/daemon.stderr" >&2; exit 4; }
+  sleep 0.1
+done
+touch "$T/ready"
+until [ -e "$T/done" ]; do kill -0 "$D" || exit 5; sleep 0.1; done
+kill -TERM "$D"; wait "$D"
+"""
+
+
+def test_new_reader_alert_is_one_journald_record_at_warning(sim_node, daemon_factory, tmp_path):
+    import shutil
+
+    from test_journald import JOURNALD, finish_namespace, new_journal_dir, read_journal, start_namespace
+    from tapio_node.store.alerts import NEW_READER_MESSAGE_ID
+
+    if not os.access(JOURNALD, os.X_OK) or shutil.which("journalctl") is None:
+        pytest.skip(f"requires {JOURNALD} and journalctl (apt install systemd)")
+    web = _shop(sim_node)
+    snoop = sim_node.add_pod("batch", "snoop", [], static=True)
+    sctr = snoop.add_container("main")
+    cfg = sim_node.write_config(learning_period="0s")
+    import yaml
+
+    with open(cfg) as f:
+        listen = yaml.safe_load(f)["kernel_collector"]["listen_address"]
+    t = new_journal_dir(tmp_path)
+    proc = start_namespace(t, DAEMON_IN_JOURNAL_NS,
+                           env=dict(os.environ, CFG=cfg, HEALTHZ=f"http://{listen}/healthz"))
+    try:
+        deadline = time.monotonic() + 60 * SLOWDOWN
+        while not (t / "ready").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        for _ in range(3):
+            sctr.start_reader(web.volume_dir("certs") + "/tls.key", mounts={}, comm="snoop").wait()
+        wait_report(cfg, lambda r: any(o["name"] == "web-tls" and o["reads"] == 3 for o in r["readers"]),
+                    "readers", "--since", "1h")
+    finally:
+        (t / "done").touch()
+        finish_namespace(t, proc)
+    recs = read_journal(t, [f"MESSAGE_ID={NEW_READER_MESSAGE_ID}"])
+    assert len(recs) == 1, recs
+    (rec,) = recs
+    assert rec["PRIORITY"] == "4"
+    assert (rec["TAPIO_NAMESPACE"], rec["TAPIO_CONFIG_NAME"], rec["TAPIO_OBJECT_KIND"]) == \
+        ("shop", "web-tls", "secret")
+    assert (rec["TAPIO_ACCESSOR_NAMESPACE"], rec["TAPIO_ACCESSOR_WORKLOAD"], rec["TAPIO_PROCESS_COMM"]) == \
+        ("batch", f"Pod/{snoop.name}", "snoop")
+    assert rec["MESSAGE"].startswith(f"new reader: workload batch/Pod/{snoop.name} read secret shop/web-tls")
