@@ -209,6 +209,30 @@ class _StoreCollector(Collector):
         for labels, ts in best.items():
             last.add_metric(list(labels), ts)
         yield last
+        yield self._reads(st)
+
+    def _reads(self, st):
+        """Reads per object and reader workload (no pod, container or
+        command label: those stay in the store), for the cluster view."""
+        from tapio_node.store import ACC_KIND, ACC_NS, ACC_WORKLOAD, OBJ_KIND, OBJ_NAME, OWNER_NS
+
+        fam = CounterMetricFamily(f"{PREFIX}_object_reads",
+                                  "Reads of the object's files on this node by a reader workload, host "
+                                  "unit or the kubelet, since the daemon started",
+                                  labels=["namespace", "kind", "name", "reader_kind", "reader_namespace",
+                                          "reader_workload", "cross_pod"])
+        sums: dict[tuple, int] = {}
+        for key, (count, cross) in list(st.totals.items()):
+            kind = key[OBJ_KIND]
+            if kind in _NO_OBJECT_KINDS:
+                continue
+            labels = (key[OWNER_NS], kind, _object_label(kind, key[OBJ_NAME]), key[ACC_KIND], key[ACC_NS],
+                      key[ACC_WORKLOAD], "true" if cross else "false")
+            if labels in sums or len(sums) < self._max:
+                sums[labels] = sums.get(labels, 0) + count
+        for labels, n in sums.items():
+            fam.add_metric(list(labels), n)
+        return fam
 
 
 def _gauge(name, doc, value):

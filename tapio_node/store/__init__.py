@@ -92,6 +92,8 @@ class AccessStore:
         # objects mounted now: the per-node gauges.
         self.last_access: dict[tuple, float] = {}
         self.mounted_objects: frozenset = frozenset()
+        # Access key -> [accesses since start, cross_pod]: kernel_monitor_object_reads_total.
+        self.totals: dict[tuple, list] = {}
         # Counted and exported: kernel_monitor_store_*.
         self.errors = dict.fromkeys(ERROR_OPERATIONS, 0)
         self.rows_dropped = 0     # loop thread
@@ -151,6 +153,11 @@ class AccessStore:
                 self._new_pair(pair, key, first)
         else:
             self.rows_dropped += 1
+        total = self.totals.get(key)
+        if total is not None:
+            total[0] += count
+        elif len(self.totals) < self.max_pending:
+            self.totals[key] = [count, cross_pod]
         obj = (key[OWNER_NS], key[OBJ_KIND], key[OBJ_NAME])
         if obj in self.last_access or len(self.last_access) < self.max_objects:
             self.last_access[obj] = last

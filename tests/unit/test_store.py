@@ -185,3 +185,33 @@ def test_config_keys():
                                            ("7d", 604800), ("1.5h", 5400), ("2w", 1209600)])
 def test_durations(text, seconds):
     assert duration_seconds(text) == seconds
+
+
+def test_the_per_node_gauges_and_reads_counter(state):
+    from prometheus_client import generate_latest
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tapio_node.metrics import Metrics
+
+    st = AccessStore(state, 90, 0.0)
+    m = Metrics(max_series=100)
+    m.register_store(st)
+    st.mounted([("uid-1", "certs", "tls.key", "secret", "web-tls", "shop", "web-1", "Deployment/web", "secret"),
+                ("uid-1", "kube-api-access-ab1cd", "namespace", "downwardAPI", "kube-api-access-ab1cd",
+                 "shop", "web-1", "Deployment/web", "projected")])
+    st.add(key(), False, 2, 10.0, 11.0)
+    st.add(key(reader="snoop"), True, 1, 12.0, 12.5)
+    st.tick()   # the totals outlive the hand-off to the writer
+    st.add(key(), False, 1, 13.0, 14.0)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(generate_latest(m.registry).decode())
+               for s in fam.samples}
+    obj = (("kind", "secret"), ("name", "web-tls"), ("namespace", "shop"))
+    assert samples[("kernel_monitor_volume_mounted", obj)] == 1
+    assert samples[("kernel_monitor_last_access_timestamp_seconds", obj)] == 14.0
+    assert not [k for k in samples if k[0] == "kernel_monitor_volume_mounted" and "downwardAPI" in str(k)]
+    reads = {dict(k[1])["reader_workload"]: (v, dict(k[1])["cross_pod"])
+             for k, v in samples.items() if k[0] == "kernel_monitor_object_reads_total"}
+    assert reads == {"Deployment/web": (3, "false"), "Deployment/snoop": (1, "true")}
+    assert samples[("kernel_monitor_store_up", ())] == 0   # never opened
