@@ -46,11 +46,17 @@ def _cid(c: str | None) -> str:
 
 
 def rows_of(section: str, items: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Column names and cell text of a section's table."""
+    """Column names and cell text of a section's table (unknowns as "-")."""
+    header, rows = _rows_of(section, items)
+    return header, [["-" if c is None else str(c) for c in r] for r in rows]
+
+
+def _rows_of(section: str, items: list[dict]) -> tuple[list[str], list[list]]:
     if section == "unused":
         return (["NAMESPACE", "WORKLOAD", "KIND", "NAME", "VOLUME", "KEY", "MOUNTED SINCE"],
                 [[i["namespace"], i["workload"] or i["pod"], i["kind"], i["name"], i["volume"],
-                  i["key"] if i["key"] is not None else "(whole object)", _short(i["mounted_since"])]
+                  i["key"] if i["key"] is not None else "(whole object)",
+                  _short(i["mounted_since"]) if i["mounted_since"] else ",".join(i.get("nodes", ()))]
                  for i in items])
     if section == "readers":
         out = []
@@ -66,7 +72,7 @@ def rows_of(section: str, items: list[dict]) -> tuple[list[str], list[list[str]]
                   i["suggestion"]] for i in items])
     if section == "cross_pod":
         return (["OWNER", "KIND", "NAME", "KEY", "READER", "COMMAND", "COUNT", "LAST READ"],
-                [[f"{i['owner']['namespace']}/{i['owner']['pod']}", i["kind"], i["name"], i["key"] or "-",
+                [[f"{i['owner']['namespace']}/{i['owner']['pod'] or '*'}", i["kind"], i["name"], i["key"] or "-",
                   who(i["accessor"]) + (" (other namespace)" if i["cross_namespace"] else ""),
                   i["accessor"]["command"], str(i["count"]), _short(i["last_read"])] for i in items])
     if section == "blast_radius":
