@@ -182,8 +182,10 @@ def validate(kc: KernelCollector, source: str | None, explicit: set | frozenset 
     _dir_or_parent(kc, "pod_logs_path", source, explicit)
     _need_abs(kc, "pin_path", source)
     _need_abs(kc, "static_pods_path", source)
-    # Made at start when missing (the unit's StateDirectory= makes it).
-    _dir_or_parent(kc, "state_path", source, explicit)
+    # Made at start when missing (the unit's StateDirectory= makes it);
+    # empty turns the store off.
+    if kc.state_path:
+        _dir_or_parent(kc, "state_path", source, explicit)
     try:
         seconds = duration_seconds(kc.learning_period)
     except ValueError as exc:

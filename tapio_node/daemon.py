@@ -270,6 +270,9 @@ class Daemon:
         from tapio_node.store.rows import RowKeys
 
         kc = self.kc
+        if not kc.state_path:
+            log.info("state_path is empty: no access store (no report, no new-reader alerts)")
+            return
         self.row_keys = RowKeys(self.podspecs)
         self.alerts = NewReaderAlerts()
         self.store = AccessStore(kc.state_path, kc.retention_days, duration_seconds(kc.learning_period),

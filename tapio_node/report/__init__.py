@@ -56,6 +56,11 @@ def main(args) -> int:
         return 2
     from tapio_node.store import StoreError, open_ro
 
+    if not kc.state_path:
+        print("tapio-node report: state_path is empty in the config: the daemon keeps no access store",
+              file=sys.stderr)
+        return 1
+
     try:
         conn = open_ro(kc.state_path)
     except StoreError as exc:

@@ -431,3 +431,16 @@ def test_new_reader_alert_is_one_journald_record_at_warning(sim_node, daemon_fac
     assert (rec["TAPIO_ACCESSOR_NAMESPACE"], rec["TAPIO_ACCESSOR_WORKLOAD"], rec["TAPIO_PROCESS_COMM"]) == \
         ("batch", f"Pod/{snoop.name}", "snoop")
     assert rec["MESSAGE"].startswith(f"new reader: workload batch/Pod/{snoop.name} read secret shop/web-tls")
+
+
+def test_an_empty_state_path_runs_without_a_store(sim_node, daemon_factory):
+    web = _shop(sim_node)
+    ctr = web.add_container("nginx")
+    cfg = sim_node.write_config(state_path="")
+    d = daemon_factory(cfg)
+    s = ctr.start_reader("/run/secrets/certs/tls.crt", comm="nginx").wait()
+    assert d.wait_events(1, pred=lambda e: e["process"]["pid"] == s["pid"])
+    assert "kernel_monitor_store_up" not in d.get("/metrics")[1].decode()
+    r = report(cfg, check=False)
+    assert r.returncode == 1 and "state_path is empty" in r.stderr
+    assert not os.path.exists(os.path.join(sim_node.base_dir, "var/lib/tapio-node"))

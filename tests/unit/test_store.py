@@ -215,3 +215,7 @@ def test_the_per_node_gauges_and_reads_counter(state):
              for k, v in samples.items() if k[0] == "kernel_monitor_object_reads_total"}
     assert reads == {"Deployment/web": (3, "false"), "Deployment/snoop": (1, "true")}
     assert samples[("kernel_monitor_store_up", ())] == 0   # never opened
+
+
+def test_an_empty_state_path_turns_the_store_off():
+    assert parse_config('kernel_collector:\n  state_path: ""\n').kernel_collector.state_path == ""
