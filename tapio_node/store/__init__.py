@@ -143,6 +143,7 @@ class AccessStore:
         wall-clock seconds."""
         row = self._pending.get(key)
         if row is not None:
+            # The common case: one dict lookup. Totals and gauges follow at tick().
             row[0] += count
             if last > row[2]:
                 row[2] = last
@@ -153,14 +154,6 @@ class AccessStore:
                 self._new_pair(pair, key, first)
         else:
             self.rows_dropped += 1
-        total = self.totals.get(key)
-        if total is not None:
-            total[0] += count
-        elif len(self.totals) < self.max_pending:
-            self.totals[key] = [count, cross_pod]
-        obj = (key[OWNER_NS], key[OBJ_KIND], key[OBJ_NAME])
-        if obj in self.last_access or len(self.last_access) < self.max_objects:
-            self.last_access[obj] = last
 
     def _new_pair(self, pair: tuple, key: tuple, when: float) -> None:
         if len(self._known) < MAX_KNOWN_PAIRS:
@@ -189,15 +182,34 @@ class AccessStore:
     def _handoff(self, block: bool, timeout: float | None = None) -> None:
         if not self._pending and self._mounts is None:
             return
-        batch = (self._pending, self._mounts, self.clock())
-        try:
-            if block:
-                self._queue.put(batch, timeout=timeout)
-            else:
-                self._queue.put_nowait(batch)
-        except queue.Full:
+        if not block and self._queue.full():
             return  # the writer is still busy: keep gathering, rows merge in place
+        batch = (self._pending, self._mounts, self.clock())
+        self._fold(self._pending)
+        # Only this thread puts: a queue not full now takes the batch.
+        try:
+            self._queue.put(batch, timeout=timeout)
+        except queue.Full:
+            log.error("access store writer stuck: %d rows not written", len(self._pending))
+            self.rows_dropped += len(self._pending)
         self._pending, self._mounts = {}, None
+
+    def _fold(self, rows: dict) -> None:
+        """Rows handed to the writer count in the totals and the gauges (once)."""
+        totals, last_access = self.totals, self.last_access
+        for key, (count, _first, last, cross) in rows.items():
+            total = totals.get(key)
+            if total is not None:
+                total[0] += count
+            elif len(totals) < self.max_pending:
+                totals[key] = [count, cross]
+            obj = (key[OWNER_NS], key[OBJ_KIND], key[OBJ_NAME])
+            seen = last_access.get(obj)
+            if seen is None:
+                if len(last_access) < self.max_objects:
+                    last_access[obj] = last
+            elif last > seen:
+                last_access[obj] = last
 
     # -- the writer thread ---------------------------------------------------
     def _run(self) -> None:

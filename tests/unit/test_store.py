@@ -194,7 +194,7 @@ def test_the_per_node_gauges_and_reads_counter(state):
 
     from tapio_node.metrics import Metrics
 
-    st = AccessStore(state, 90, 0.0)
+    st = opened(state)
     m = Metrics(max_series=100)
     m.register_store(st)
     st.mounted([("uid-1", "certs", "tls.key", "secret", "web-tls", "shop", "web-1", "Deployment/web", "secret"),
@@ -202,8 +202,9 @@ def test_the_per_node_gauges_and_reads_counter(state):
                  "shop", "web-1", "Deployment/web", "projected")])
     st.add(key(), False, 2, 10.0, 11.0)
     st.add(key(reader="snoop"), True, 1, 12.0, 12.5)
-    st.tick()   # the totals outlive the hand-off to the writer
+    st.tick()   # the totals and gauges follow each hand-off to the writer
     st.add(key(), False, 1, 13.0, 14.0)
+    st.close()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for fam in text_string_to_metric_families(generate_latest(m.registry).decode())
                for s in fam.samples}
@@ -214,7 +215,8 @@ def test_the_per_node_gauges_and_reads_counter(state):
     reads = {dict(k[1])["reader_workload"]: (v, dict(k[1])["cross_pod"])
              for k, v in samples.items() if k[0] == "kernel_monitor_object_reads_total"}
     assert reads == {"Deployment/web": (3, "false"), "Deployment/snoop": (1, "true")}
-    assert samples[("kernel_monitor_store_up", ())] == 0   # never opened
+    assert samples[("kernel_monitor_store_up", ())] == 1
+    assert samples[("kernel_monitor_store_writes_total", ())] == 2
 
 
 def test_an_empty_state_path_turns_the_store_off():
