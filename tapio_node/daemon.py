@@ -48,6 +48,9 @@ OVERFLOW_SECONDS = 0.25
 # The access store's mount inventory is taken this often (last_mounted's
 # resolution); the access rows go every PERIODIC_SECONDS.
 MOUNT_INVENTORY_SECONDS = 30.0
+# ... and sooner after a change (pods, volumes, pod specs), but not more
+# often than this: on a big node the inventory costs tens of ms of the loop.
+MOUNT_CHANGE_SECONDS = 5.0
 
 
 
@@ -267,13 +270,14 @@ class Daemon:
     def _start_store(self) -> None:
         from tapio_node.store import AccessStore
         from tapio_node.store.alerts import NewReaderAlerts
-        from tapio_node.store.rows import RowKeys
+        from tapio_node.store.rows import MountInventory, RowKeys
 
         kc = self.kc
         if not kc.state_path:
             log.info("state_path is empty: no access store (no report, no new-reader alerts)")
             return
         self.row_keys = RowKeys(self.podspecs)
+        self.mount_inventory = MountInventory()
         self.alerts = NewReaderAlerts()
         self.store = AccessStore(kc.state_path, kc.retention_days, duration_seconds(kc.learning_period),
                                  node_name=node_name_of(kc), on_new_reader=self._new_reader,
@@ -285,11 +289,9 @@ class Daemon:
         self.store.start()
 
     def _inventory(self, now: float) -> None:
-        from tapio_node.store.rows import mount_rows
-
         self._next_inventory = now + MOUNT_INVENTORY_SECONDS
         self._inventory_mark = self._inventory_state()
-        self.store.mounted(mount_rows(self.volumes, self.pods, self.podspecs))
+        self.store.mounted(self.mount_inventory.rows(self.volumes, self.pods, self.podspecs))
 
     def _inventory_state(self) -> tuple:
         # What, when it changes, makes the inventory stale before its time.
@@ -449,7 +451,9 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.expire(self.volumes.volumes.keys(), now)
         if self.store is not None:
-            if now >= self._next_inventory or self._inventory_state() != self._inventory_mark:
+            if now >= self._next_inventory or (now >= self._next_inventory - MOUNT_INVENTORY_SECONDS
+                                               + MOUNT_CHANGE_SECONDS
+                                               and self._inventory_state() != self._inventory_mark):
                 self._inventory(now)
             self.store.tick()
         self._set_status()

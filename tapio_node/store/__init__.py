@@ -105,6 +105,10 @@ class AccessStore:
         self._conn: sqlite3.Connection | None = None
         self._retry: dict[tuple, list] = {}     # writer-owned: rows a failed write kept
         self._retry_mounts: list[tuple] | None = None
+        # The last inventory written (writer thread), and its time; None:
+        # unknown (start, or a failed write), so the next one is written whole.
+        self._written: set[tuple] | None = None
+        self._written_at = 0.0
         self._last_prune = 0.0
         self._last_logged = -ERROR_LOG_SECONDS
         self._queue: queue.Queue = queue.Queue(maxsize=1)
@@ -266,13 +270,13 @@ class AccessStore:
             try:
                 conn.executemany(_UPSERT_ACCESS, ((*k, int(v[3]), v[0], v[1], v[2]) for k, v in rows.items()))
                 if mounts is not None:
-                    conn.executemany(_UPSERT_MOUNT, ((*m, now, now) for m in mounts))
-                    conn.execute("INSERT OR REPLACE INTO meta VALUES ('inventory_at', ?)", (repr(now),))
+                    self._write_mounts(conn, mounts, now)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
         except (sqlite3.Error, OSError) as exc:
+            self._written = None
             self._failed("write", exc)
             self._keep(rows, mounts)
             if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
@@ -284,6 +288,24 @@ class AccessStore:
         self._recovered()
         if now - self._last_prune >= PRUNE_SECONDS:
             self.prune(now)
+
+    def _write_mounts(self, conn: sqlite3.Connection, mounts: list, now: float) -> None:
+        """Only the difference to the last inventory: rows of it still
+        mounted all carry last_mounted == its time, so one indexed UPDATE
+        moves them on; gone rows are put back, new ones inserted."""
+        current = set(mounts)
+        prev, prev_at = self._written, self._written_at
+        if prev is None:
+            new, gone = current, ()
+        else:
+            new, gone = current - prev, prev - current
+            conn.execute("UPDATE mounts SET last_mounted = ? WHERE last_mounted = ?", (now, prev_at))
+            conn.executemany(
+                "UPDATE mounts SET last_mounted = ? WHERE " + " AND ".join(f"{c} = ?" for c in MOUNT_KEY),
+                ((prev_at, *m[:len(MOUNT_KEY)]) for m in gone))
+        conn.executemany(_UPSERT_MOUNT, ((*m, now, now) for m in new))
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('inventory_at', ?)", (repr(now),))
+        self._written, self._written_at = current, now
 
     def prune(self, now: float | None = None) -> int:
         """Delete rows not seen within retention_days; returns how many went."""

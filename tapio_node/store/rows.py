@@ -80,25 +80,55 @@ class RowKeys:
                 proc.container_id or "", cgroup, proc.command)
 
 
-def mount_rows(volumes, pods=None, podspecs=None) -> list[tuple]:
-    """One row per watched file (MOUNT_KEY + MOUNT_NAMES order), named as
-    events name them (pod spec first, then the volume)."""
-    names: dict[str, tuple] = {}
+class MountInventory:
+    """Every watched file as a mount row (MOUNT_KEY + MOUNT_NAMES order),
+    named as events name them (pod spec first, then the volume). A volume's
+    rows are rebuilt only when its files or its pod's names or spec
+    changed: a node has up to max_watched_files of them, and this runs in
+    the event loop."""
+
+    def __init__(self):
+        self._cache: dict[int, tuple[tuple, list[tuple]]] = {}
+
+    def rows(self, volumes, pods=None, podspecs=None) -> list[tuple]:
+        names: dict[str, tuple] = {}
+        out: list[tuple] = []
+        cache, fresh = self._cache, {}
+        for vol in list(volumes.volumes.values()):
+            got = names.get(vol.pod_uid)
+            if got is None:
+                got = names[vol.pod_uid] = _pod_names(vol, pods, podspecs)
+            fids = vol.files.values()
+            # File ids only grow: a changed file set changes the count or the largest id.
+            mark = (len(fids), max(fids, default=0), got)
+            hit = cache.get(vol.id)
+            if hit is None or hit[0] != mark:
+                hit = (mark, _volume_rows(vol, volumes.files, got))
+            fresh[vol.id] = hit
+            out.extend(hit[1])
+        self._cache = fresh
+        return out
+
+
+def _pod_names(vol, pods, podspecs) -> tuple:
+    ns = pod = None
+    if pods is not None:
+        ns, pod = pods.pod_names(vol.pod_uid)
+    meta = podspecs.get(vol.pod_uid) if podspecs is not None else None
+    if meta is None and podspecs is not None and ns and pod:
+        meta = podspecs.get_by_name(ns, pod)
+    if meta is not None:
+        ns, pod = ns or meta.namespace, pod or meta.name
+    return (ns or vol.namespace or "", pod or "", workload_of(meta, pod), meta)
+
+
+def _volume_rows(vol, files, names: tuple) -> list[tuple]:
+    ns, pod, workload, meta = names
     rows = []
-    for wf in list(volumes.files.values()):
-        vol = wf.volume
-        got = names.get(vol.pod_uid)
-        if got is None:
-            ns = pod = None
-            if pods is not None:
-                ns, pod = pods.pod_names(vol.pod_uid)
-            meta = podspecs.get(vol.pod_uid) if podspecs is not None else None
-            if meta is None and podspecs is not None and ns and pod:
-                meta = podspecs.get_by_name(ns, pod)
-            if meta is not None:
-                ns, pod = ns or meta.namespace, pod or meta.name
-            got = names[vol.pod_uid] = (ns or vol.namespace or "", pod or "", workload_of(meta, pod), meta)
-        ns, pod, workload, meta = got
+    for fid in list(vol.files.values()):
+        wf = files.get(fid)
+        if wf is None:
+            continue
         kind, name = vol.kind, vol.config_name or vol.name
         if meta is not None:
             src = meta.resolve(vol.name, wf.key)

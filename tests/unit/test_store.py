@@ -221,3 +221,19 @@ def test_the_per_node_gauges_and_reads_counter(state):
 
 def test_an_empty_state_path_turns_the_store_off():
     assert parse_config('kernel_collector:\n  state_path: ""\n').kernel_collector.state_path == ""
+
+
+def test_an_inventory_writes_only_its_difference(state):
+    clock = Clock(100.0)
+    st = opened(state, clock)
+    a, b, c = (("uid-1", "certs", k, "secret", "web-tls", "shop", "web-1", "Deployment/web", "secret")
+               for k in ("a", "b", "c"))
+    renamed = a[:5] + ("shop", "web-1", "Deployment/web2", "secret")   # same mount, its names changed
+    for t, rows in ((100.0, [a, b]), (130.0, [a]), (160.0, [a, c]), (190.0, [renamed, c])):
+        clock.t = t
+        st._write({}, rows, t)   # the writer's step, in order
+    st.close()
+    with sqlite3.connect(schema.db_path(state)) as conn:
+        got = conn.execute("SELECT key, workload, first_mounted, last_mounted FROM mounts ORDER BY key").fetchall()
+    assert got == [("a", "Deployment/web2", 100.0, 190.0), ("b", "Deployment/web", 100.0, 100.0),
+                   ("c", "Deployment/web", 160.0, 190.0)]
