@@ -147,7 +147,9 @@ class Daemon:
             status=self.status_text,
             kernel_features_off=[f.name for f in self.kernel.features_off()] if self.kernel else [],
             watch_capacity_exceeded=self.volumes.capacity_exceeded if self.volumes else 0,
-            volumes_over_capacity=len(self.volumes.over_capacity) if self.volumes else 0)
+            volumes_over_capacity=len(self.volumes.over_capacity) if self.volumes else 0,
+            store="off" if self.store is None else "ok" if self.store.up else "failing",
+            store_error=self.store.last_error if self.store is not None and not self.store.up else None)
 
     def _losing(self, lost: dict[str, int], now: float) -> list[str]:
         """Loss reasons whose count grew within LOSS_RECENT_SECONDS."""

@@ -78,6 +78,7 @@ def health(state: DaemonState | None, stuck_after: float = STUCK_AFTER) -> tuple
         "backend": state.backend,
         "watched_volumes": state.watched_volumes,
         "watched_pods": state.watched_pods,
+        "store": state.store,
     }
     if state.kernel_features_off:
         # Not degraded: the kernel cannot do more; `tapio-node check` says the cost.
@@ -100,6 +101,9 @@ def degraded_reasons(state: DaemonState) -> list[str]:
     if state.volumes_over_capacity:
         out.append(f"{state.volumes_over_capacity} volumes not indexed: watched_inodes is full "
                    "(raise kernel_collector.max_watched_files)")
+    if state.store == "failing":
+        out.append(f"access store failing ({state.store_error}): collection goes on, reports miss "
+                   "this data (see kernel_monitor_store_errors_total)")
     return out
 
 

@@ -85,6 +85,9 @@ class DaemonState(msgspec.Struct, kw_only=True):
     # Volumes that did not fit in watched_inodes: ever, and now.
     watch_capacity_exceeded: int = 0
     volumes_over_capacity: int = 0
+    # The access store: "ok", "failing" (last_error says why) or "off".
+    store: str = "off"
+    store_error: str | None = None
 
 
 class _StateCollector(Collector):

@@ -91,7 +91,7 @@ def test_healthz_healthy_body(server):
         "status": "healthy", "ebpf_loaded": True, "focus": "config_access", "ring_buffer_active": True,
         "events_processed": 42, "ring_buffer_drops": 0, "last_event_age_seconds": 1.5,
         "backend": "tracepoint", "watched_volumes": 3, "watched_pods": 2,
-        "loop_heartbeat_age_seconds": 0.2,
+        "loop_heartbeat_age_seconds": 0.2, "store": "off",
     }
 
 

@@ -312,6 +312,10 @@ def test_a_read_only_state_dir_is_reported_and_collection_goes_on(sim_node, daem
         s = ctr.start_reader("/run/secrets/certs/tls.crt", comm="nginx").wait()
         assert d.wait_events(1, pred=lambda e: e["process"]["pid"] == s["pid"])
         assert any("access store" in line and "failed" in line for line in d.stderr)
+        code, body = d.get("/healthz")
+        health = json.loads(body)
+        assert code == 200 and (health["status"], health["store"]) == ("degraded", "failing")
+        assert any("access store failing (open:" in r for r in health["degraded"])
         r = report(cfg, check=False)
         assert r.returncode == 1 and "no access store" in r.stderr
         assert d.stop()[0] == 0
@@ -433,6 +437,7 @@ def test_an_empty_state_path_runs_without_a_store(sim_node, daemon_factory):
     s = ctr.start_reader("/run/secrets/certs/tls.crt", comm="nginx").wait()
     assert d.wait_events(1, pred=lambda e: e["process"]["pid"] == s["pid"])
     assert "kernel_monitor_store_up" not in d.get("/metrics")[1].decode()
+    assert json.loads(d.get("/healthz")[1])["store"] == "off"
     r = report(cfg, check=False)
     assert r.returncode == 1 and "state_path is empty" in r.stderr
     assert not os.path.exists(os.path.join(sim_node.base_dir, "var/lib/tapio-node"))
