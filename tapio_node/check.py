@@ -277,6 +277,29 @@ def check_dir(name: str, key: str, path: str, consequence: str) -> Check:
                  fix=f"start the kubelet, or set kernel_collector.{key}")
 
 
+def check_state_path(path: str) -> Check:
+    """The access store's dir: writable (or creatable) and not on a read-only mount."""
+    name = "access store"
+    if not path:
+        return Check(name=name, ok=True, fatal=False, detail="off (state_path is empty)")
+    probe = path
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+    except OSError as e:
+        read_only, why = True, f"cannot stat {probe}: {e.strerror}"
+    else:
+        why = f"{probe} is on a read-only mount"
+    ok = not read_only and os.access(probe, os.W_OK)
+    if ok:
+        detail = os.path.join(path, "access.db") + ("" if probe == path else " (the dir will be made)")
+    else:
+        detail = f"{path} not writable: {why if read_only else 'permission denied'} (collection goes on; no reports)"
+    return Check(name=name, ok=ok, fatal=False, detail=detail,
+                 fix="make kernel_collector.state_path writable (the unit's StateDirectory= does), or set it elsewhere")
+
+
 def check_journald() -> Check:
     ok = os.path.exists(host.JOURNAL_SOCKET)
     return Check(name="journald", ok=ok, fatal=False,
@@ -361,6 +384,7 @@ def run_checks(cfg, *, only_fatal: bool = False) -> list[Check]:
             check_dir("pod logs dir", "pod_logs_path", cfg.pod_logs_path,
                       "namespace and pod names come from pod specs only"),
             check_journald(),
+            check_state_path(cfg.state_path),
             *check_podspecs(cfg),
         ]
     checks.append(check_listen(cfg.listen_address))

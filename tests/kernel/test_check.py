@@ -211,3 +211,19 @@ def test_tracepoint_attach_is_probed_with_the_callers_capabilities():
     r = subprocess.run([sys.executable, "-m", "tapio_node", "check"], capture_output=True, text=True, timeout=120)
     (line,) = [x for x in r.stdout.splitlines() if "tracepoint attach:" in x]
     assert line.startswith(check.OK)
+
+
+def test_access_store_dir(node_dirs):
+    from tapio_node.sim.system import MS_RDONLY, mount, umount
+
+    ro = os.path.join(node_dirs, "ro")
+    os.mkdir(ro)
+    mount("tmpfs", ro, "tmpfs", MS_RDONLY, "mode=0700")
+    try:
+        for state, mark, words in ((os.path.join(node_dirs, "state"), check.OK, "(the dir will be made)"),
+                                   (ro, check.WARN, "read-only mount"),
+                                   ("", check.OK, "off")):
+            r, lines = run_check(write_config(node_dirs, state_path=state))
+            assert lines["access store"][0] == mark and words in lines["access store"][1], r.stdout
+    finally:
+        umount(ro)
