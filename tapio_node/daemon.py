@@ -286,6 +286,9 @@ class Daemon:
                                  max_objects=kc.metrics_max_series)
         if self.store.open():
             log.info("access store %s", self.store.path)
+        if self.pods is None:
+            log.warning("access store: pod correlation is off, so every reader is recorded as a host "
+                        "process; `tapio-node report unused` and least-privilege will list every mount")
         self.metrics.register_store(self.store)
         self._inventory(time.monotonic())
         self.store.start()

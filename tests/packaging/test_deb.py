@@ -301,6 +301,8 @@ def install(root, deb, apt_cache=None):
     expect(CONFFILE in conffiles, f"{CONFFILE} is a conffile")
     expect(Path(root, WANTS.lstrip("/")).is_symlink(), "unit enabled (multi-user.target.wants link)")
     expect(Path(root, "usr/share/man/man8/tapio-node.8.gz").is_file(), "man page tapio-node(8) installed")
+    for shipped in ("prometheus/tapio-node.rules.yaml", "grafana/tapio-node.json"):
+        expect(Path(root, "usr/share/tapio-node", shipped).is_file(), f"/usr/share/tapio-node/{shipped} installed")
     site = list(Path(root, VENV.lstrip("/"), "lib").glob("python3.*/site-packages/tapio_node"))
     expect(len(site) == 1 and list(site[0].glob("_fast*.so")), "venv has tapio_node/_fast*.so")
     for obj in ("tapio.bpf.o", "tapio-nokfunc.bpf.o"):

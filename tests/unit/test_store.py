@@ -237,3 +237,18 @@ def test_an_inventory_writes_only_its_difference(state):
         got = conn.execute("SELECT key, workload, first_mounted, last_mounted FROM mounts ORDER BY key").fetchall()
     assert got == [("a", "Deployment/web2", 100.0, 190.0), ("b", "Deployment/web", 100.0, 100.0),
                    ("c", "Deployment/web", 160.0, 190.0)]
+
+
+def test_an_upgrade_migrates_in_place_and_keeps_the_rows(state, monkeypatch):
+    st = opened(state)
+    st.add(key(), False, 7, 1.0, 2.0)
+    st.close()
+    # The next release adds a column: its step runs once, on the old file.
+    step = "ALTER TABLE accesses ADD COLUMN note TEXT NOT NULL DEFAULT ''"
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS + (step,))
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", len(schema.MIGRATIONS))
+    conn = schema.open_rw(state)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("SELECT count, note FROM accesses").fetchall() == [(7, "")]
+    conn.close()
+    assert schema.migrate(schema.open_rw(state)) == 2   # nothing left to do
