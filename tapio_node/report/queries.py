@@ -60,10 +60,14 @@ def _mounted(conn: sqlite3.Connection, w: Window, kinds: tuple[str, ...]) -> lis
     mounted now (the last inventory) or within the window."""
     inv = float(_meta(conn, "inventory_at") or 0.0)
     marks = ", ".join("?" * len(kinds))
+    # A file named again (the pod spec arrived after the volume was first
+    # seen) has one row per naming: the newest is the truth.
     return conn.execute(
         "SELECT namespace, pod, pod_uid, workload, object_kind, object_name, volume_name, key, "
-        "first_mounted, last_mounted FROM mounts "
-        f"WHERE object_kind IN ({marks}) AND last_mounted - first_mounted >= ? "
+        "first_mounted, last_mounted FROM ("
+        "  SELECT *, row_number() OVER (PARTITION BY pod_uid, volume_name, key "
+        "                               ORDER BY last_mounted DESC) AS newest FROM mounts) "
+        f"WHERE newest = 1 AND object_kind IN ({marks}) AND last_mounted - first_mounted >= ? "
         "AND last_mounted >= min(?, ?) ORDER BY namespace, workload, pod, volume_name, key",
         (*kinds, w.since, w.cutoff, inv)).fetchall()
 

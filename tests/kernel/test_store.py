@@ -206,9 +206,10 @@ def test_workloads_from_the_api_group_replicas(sim_node, daemon_factory, tmp_pat
                 (e,) = d.wait_events(1, pred=lambda e: e["process"]["pid"] == s["pid"])
                 if e["config_name_source"] == "pod_spec" or time.monotonic() > deadline:
                     break
-        want = [("Deployment/web", "c.yaml", 2)]
-        got = lambda r: [(u["workload"], u["key"], u["pods"]) for u in r["unused"]  # noqa: E731
-                         if u["name"] == "web-settings"]
+        # The volume was first inventoried under its volume name, before the
+        # specs came: only the newest naming of a file counts.
+        want = [("web-settings", "Deployment/web", "c.yaml", 2)]
+        got = lambda r: [(u["name"], u["workload"], u["key"], u["pods"]) for u in r["unused"]]  # noqa: E731
         assert got(wait_report(cfg, lambda r: got(r) == want, "--since", "0s")) == want
         rep = report(cfg, "readers", "--object", "shop/web-settings", "--since", "1h")
         readers = {(r["workload"], r["pod"]) for o in rep["readers"] for r in o["readers"]}
