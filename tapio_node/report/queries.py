@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 from tapio_node.store.rows import SA_VOLUME_PREFIX
+from tapio_node.store.schema import ACCESS_KEY
 
 # Files that name no object (a downward-API value): in no section but cross-pod.
 NOT_OBJECTS = ("downwardAPI",)
@@ -33,6 +34,23 @@ def rfc3339(ts: float | None) -> str | None:
     if ts is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+# The newest naming of each mounted file (a file is named again when its
+# pod spec arrives after the volume was first seen).
+_NEWEST_MOUNTS = (
+    "SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY pod_uid, volume_name, key "
+    "ORDER BY last_mounted DESC) AS newest FROM mounts) WHERE newest = 1")
+_ACCESS_COLS = ACCESS_KEY + ("cross_pod", "count", "first_seen", "last_seen")
+# Accesses recorded before their pod's spec arrived carry the volume's name
+# (object_kind == volume_kind, object_name == volume_name): name them as the
+# mount inventory does now, so early reads count for the right object.
+NAMED_ACCESSES = (
+    "(SELECT " + ", ".join(f"coalesce(n.{c}, a.{c}) AS {c}" if c in ("object_kind", "object_name")
+                           else f"a.{c} AS {c}" for c in _ACCESS_COLS)
+    + f" FROM accesses a LEFT JOIN ({_NEWEST_MOUNTS}) n ON n.pod_uid = a.owner_uid "
+    "AND n.volume_name = a.volume_name AND n.key = a.key "
+    "AND a.object_kind = a.volume_kind AND a.object_name = a.volume_name)")
 
 
 def _meta(conn: sqlite3.Connection, key: str) -> str | None:
@@ -64,10 +82,8 @@ def _mounted(conn: sqlite3.Connection, w: Window, kinds: tuple[str, ...]) -> lis
     # seen) has one row per naming: the newest is the truth.
     return conn.execute(
         "SELECT namespace, pod, pod_uid, workload, object_kind, object_name, volume_name, key, "
-        "first_mounted, last_mounted FROM ("
-        "  SELECT *, row_number() OVER (PARTITION BY pod_uid, volume_name, key "
-        "                               ORDER BY last_mounted DESC) AS newest FROM mounts) "
-        f"WHERE newest = 1 AND object_kind IN ({marks}) AND last_mounted - first_mounted >= ? "
+        f"first_mounted, last_mounted FROM ({_NEWEST_MOUNTS}) "
+        f"WHERE object_kind IN ({marks}) AND last_mounted - first_mounted >= ? "
         "AND last_mounted >= min(?, ?) ORDER BY namespace, workload, pod, volume_name, key",
         (*kinds, w.since, w.cutoff, inv)).fetchall()
 
@@ -155,7 +171,7 @@ def readers(conn: sqlite3.Connection, w: Window) -> list[dict]:
     marks = ", ".join("?" * len(NOT_OBJECTS))
     rows = conn.execute(
         f"SELECT owner_namespace, object_kind, object_name, {', '.join(_READER)}, "
-        "sum(count), max(last_seen) FROM accesses "
+        f"sum(count), max(last_seen) FROM {NAMED_ACCESSES} "
         f"WHERE last_seen >= ? AND object_kind NOT IN ({marks}){extra} "
         f"GROUP BY 1, 2, 3, {', '.join(str(i) for i in range(4, 4 + len(_READER)))} "
         "ORDER BY 1, 3, 2, 11 DESC", (w.cutoff, *NOT_OBJECTS, *args)).fetchall()
@@ -178,7 +194,7 @@ def cross_pod(conn: sqlite3.Connection, w: Window) -> list[dict]:
     """Reads of a pod's volume by another pod or a host process, within the window."""
     rows = conn.execute(
         "SELECT owner_namespace, owner_pod, owner_workload, object_kind, object_name, key, "
-        f"{', '.join(_READER)}, count, last_seen FROM accesses "
+        f"{', '.join(_READER)}, count, last_seen FROM {NAMED_ACCESSES} "
         "WHERE cross_pod = 1 AND last_seen >= ? ORDER BY last_seen DESC", (w.cutoff,)).fetchall()
     out = []
     for ns, pod, workload, kind, name, key, *rest in rows:
@@ -200,7 +216,7 @@ def blast_radius(conn: sqlite3.Connection, w: Window) -> list[dict]:
     marks = ", ".join("?" * len(NOT_OBJECTS))
     readers_ = conn.execute(
         "SELECT object_kind, accessor_kind, accessor_namespace, accessor_workload, "
-        "count(DISTINCT accessor_pod), sum(count), max(last_seen) FROM accesses "
+        f"count(DISTINCT accessor_pod), sum(count), max(last_seen) FROM {NAMED_ACCESSES} "
         f"WHERE owner_namespace = ? AND object_name = ? AND object_kind NOT IN ({marks}) "
         "GROUP BY 1, 2, 3, 4 ORDER BY 7 DESC", (ns, name, *NOT_OBJECTS)).fetchall()
     mounts = conn.execute(
@@ -229,7 +245,7 @@ def top(conn: sqlite3.Connection, w: Window, limit: int = 20) -> list[dict]:
     rows = conn.execute(
         "SELECT owner_namespace, object_kind, object_name, sum(count), "
         "count(DISTINCT accessor_kind || '/' || accessor_namespace || '/' || accessor_workload), "
-        f"max(last_seen) FROM accesses WHERE last_seen >= ? AND object_kind NOT IN ({marks}) "
+        f"max(last_seen) FROM {NAMED_ACCESSES} WHERE last_seen >= ? AND object_kind NOT IN ({marks}) "
         "GROUP BY 1, 2, 3 ORDER BY 4 DESC, 1, 3 LIMIT ?", (w.cutoff, *NOT_OBJECTS, limit)).fetchall()
     return [{"namespace": ns, "kind": kind, "name": name, "reads": reads, "readers": nreaders,
              "last_read": rfc3339(last)} for ns, kind, name, reads, nreaders, last in rows]
@@ -240,7 +256,7 @@ def new(conn: sqlite3.Connection, w: Window) -> list[dict]:
     marks = ", ".join("?" * len(NOT_OBJECTS))
     rows = conn.execute(
         "SELECT accessor_kind, accessor_namespace, accessor_workload, owner_namespace, object_kind, "
-        "object_name, min(first_seen), sum(count) FROM accesses "
+        f"object_name, min(first_seen), sum(count) FROM {NAMED_ACCESSES} "
         f"WHERE object_kind NOT IN ({marks}) GROUP BY 1, 2, 3, 4, 5, 6 HAVING min(first_seen) >= ? "
         "ORDER BY 7 DESC", (*NOT_OBJECTS, w.cutoff)).fetchall()
     return [{"accessor": {"kind": k, "namespace": ans or None, "workload": aw or None},

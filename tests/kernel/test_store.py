@@ -179,7 +179,11 @@ def test_readers_cross_pod_and_blast_radius(shop_seen):
 
 def test_workloads_from_the_api_group_replicas(sim_node, daemon_factory, tmp_path):
     """Two replicas of a Deployment: a key read by either is used; one never
-    read by both is unused once, for the workload."""
+    read by both is unused once, for the workload. The specs reach the API
+    only after a first read of each pod: what was recorded under the
+    volume's name then counts for the object the spec names."""
+    import sqlite3
+
     pki = TestPKI(str(tmp_path / "pki"))
     srv = KubeAPIServer(pki, nodes={sim_node.node_name}).start()
     try:
@@ -189,16 +193,21 @@ def test_workloads_from_the_api_group_replicas(sim_node, daemon_factory, tmp_pat
                 VolumeSpec("configmap", "app-config", {"a.yaml": b"a", "b.yaml": b"b", "c.yaml": b"c"},
                            source_name="web-settings")])
             pod.add_container("nginx")
-            m = pod.manifest()
-            m["metadata"]["labels"] = {"pod-template-hash": "7d4b9c"}
-            m["metadata"]["ownerReferences"] = [{"kind": "ReplicaSet", "name": "web-7d4b9c", "controller": True}]
-            srv.put_pod(m)
             pods.append(pod)
         kubeconfig = write_kubeconfig(str(tmp_path / "kubelet.conf"), srv.url, pki.ca,
                                       cert=pki.client("kubelet", sim_node.node_name))
         cfg = sim_node.write_config(kubeconfig=kubeconfig)
         d = daemon_factory(cfg)
-        # Pod specs arrive asynchronously: read once they name the object.
+        for pod, key in zip(pods, ("a.yaml", "b.yaml")):
+            s = pod.containers["nginx"].start_reader(f"/run/config/app-config/{key}").wait()
+            (e,) = d.wait_events(1, pred=lambda e: e["process"]["pid"] == s["pid"])
+            assert e["config_name_source"] == "volume_name"
+        for pod in pods:
+            m = pod.manifest()
+            m["metadata"]["labels"] = {"pod-template-hash": "7d4b9c"}
+            m["metadata"]["ownerReferences"] = [{"kind": "ReplicaSet", "name": "web-7d4b9c", "controller": True}]
+            srv.put_pod(m)
+        # Pod specs arrive asynchronously: read again once they name the object.
         deadline = time.monotonic() + 15 * SLOWDOWN
         for pod, key in zip(pods, ("a.yaml", "b.yaml")):
             while True:
@@ -206,14 +215,23 @@ def test_workloads_from_the_api_group_replicas(sim_node, daemon_factory, tmp_pat
                 (e,) = d.wait_events(1, pred=lambda e: e["process"]["pid"] == s["pid"])
                 if e["config_name_source"] == "pod_spec" or time.monotonic() > deadline:
                     break
+            assert (e["config_name"], e["workload"]) == ("web-settings", {"kind": "Deployment", "name": "web"})
         # The volume was first inventoried under its volume name, before the
         # specs came: only the newest naming of a file counts.
         want = [("web-settings", "Deployment/web", "c.yaml", 2)]
         got = lambda r: [(u["name"], u["workload"], u["key"], u["pods"]) for u in r["unused"]]  # noqa: E731
         assert got(wait_report(cfg, lambda r: got(r) == want, "--since", "0s")) == want
-        rep = report(cfg, "readers", "--object", "shop/web-settings", "--since", "1h")
+        rep = wait_report(cfg, lambda r: len(r["readers"]) == 1 and r["readers"][0]["reads"] >= 4,
+                          "readers", "--object", "shop/web-settings", "--since", "1h")
         readers = {(r["workload"], r["pod"]) for o in rep["readers"] for r in o["readers"]}
-        assert readers == {("Deployment/web", p.name) for p in pods}
+        assert {("Deployment/web", p.name) for p in pods} <= readers
+        with sqlite3.connect(f"file:{state_path(cfg)}/access.db?mode=ro", uri=True) as conn:
+            early = conn.execute("SELECT sum(count) FROM accesses WHERE object_name = 'app-config'").fetchone()[0]
+            total = conn.execute("SELECT sum(count) FROM accesses WHERE volume_name = 'app-config'").fetchone()[0]
+        assert early == 2 and total >= 4
+        (top,) = report(cfg, "top", "--since", "1h")["top"]
+        assert (top["kind"], top["name"], top["reads"]) == ("configmap", "web-settings", total)
+        assert rep["readers"][0]["reads"] == total
     finally:
         srv.stop()
 
