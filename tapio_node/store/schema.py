@@ -102,6 +102,9 @@ def open_ro(state_path: str) -> sqlite3.Connection:
     """Open the store read-only, for `tapio-node report` (the daemon may be
     writing it: WAL lets both go on)."""
     path = db_path(state_path)
+    if os.path.isdir(state_path) and not os.access(state_path, os.R_OK | os.X_OK):
+        raise StoreError(f"cannot read {state_path}: permission denied (the daemon keeps it "
+                         "root-only: run the report as root, e.g. with sudo)")
     if not os.path.exists(path):
         raise StoreError(f"no access store at {path}: the daemon has not run with "
                          "state_path set to this dir yet (see state_path in tapio-node(8))")

@@ -460,3 +460,24 @@ def test_an_empty_state_path_runs_without_a_store(sim_node, daemon_factory):
     r = report(cfg, check=False)
     assert r.returncode == 1 and "state_path is empty" in r.stderr
     assert not os.path.exists(os.path.join(sim_node.base_dir, "var/lib/tapio-node"))
+
+
+def test_report_as_a_user_says_the_store_is_root_only(sim_node, daemon_factory, as_nobody):
+    cfg = sim_node.write_config()
+    daemon_factory(cfg)   # makes the state dir, 0700
+    for d in (sim_node.base_dir, os.path.join(sim_node.base_dir, "var"), os.path.join(sim_node.base_dir, "var/lib")):
+        os.chmod(d, 0o755)   # as /var/lib is: only the state dir is closed
+    import shutil
+    import tempfile
+
+    top = tempfile.mkdtemp(prefix="tapio-test-report-")   # pytest's tmp_path is root-only
+    try:
+        os.chmod(top, 0o755)
+        public = os.path.join(top, "config.yaml")
+        shutil.copy(cfg, public)
+        os.chmod(public, 0o644)
+        r = subprocess.run(as_nobody("-m", "tapio_node", "report", "--config", public),
+                           capture_output=True, text=True, timeout=120, cwd="/")
+    finally:
+        shutil.rmtree(top)
+    assert r.returncode == 1 and "permission denied" in r.stderr and "as root" in r.stderr, r.stderr
