@@ -162,7 +162,8 @@ class AccessStore:
     def _new_pair(self, pair: tuple, key: tuple, when: float) -> None:
         if len(self._known) < MAX_KNOWN_PAIRS:
             self._known.add(pair)
-        if when >= self.learning_until and self.on_new_reader is not None:
+        # The kubelet is no workload: its reads (atomic-writer updates) are the node's own.
+        if when >= self.learning_until and self.on_new_reader is not None and pair[0] != "kubelet":
             try:
                 self.on_new_reader(pair, key)
             except Exception:

@@ -89,6 +89,16 @@ def test_history_survives_a_restart_and_learning_is_not_restarted(state):
     assert rows(state)[-1][3] == 2
 
 
+def test_no_alert_for_the_kubelet(state):
+    seen = []
+    st = opened(state, Clock(1000.0), learning=0.0, on_new_reader=lambda p, k: seen.append(p))
+    k = key()
+    st.add(k[:9] + ("kubelet", "", "kubelet", "", "", "", "kubelet"), False, 1, 1001.0, 1001.0)
+    st.add(key(reader="batch"), False, 1, 1001.0, 1001.0)
+    st.close()
+    assert [p[0] for p in seen] == ["pod"]
+
+
 def test_no_alert_within_the_learning_period(state):
     seen = []
     st = opened(state, Clock(1000.0), learning=3600.0, on_new_reader=lambda p, k: seen.append(p))
