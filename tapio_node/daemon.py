@@ -289,6 +289,7 @@ class Daemon:
         if self.pods is None:
             log.warning("access store: pod correlation is off, so every reader is recorded as a host "
                         "process; `tapio-node report unused` and least-privilege will list every mount")
+        self.store.commands_folded = lambda: self.row_keys.commands_folded
         self.metrics.register_store(self.store)
         self._inventory(time.monotonic())
         self.store.start()

@@ -188,6 +188,10 @@ class _StoreCollector(Collector):
                                   value=st.rows_dropped + st.retry_dropped)
         yield CounterMetricFamily(f"{p}_store_writes", "Batched access store transactions written",
                                   value=st.writes)
+        yield CounterMetricFamily(f"{p}_store_commands_folded",
+                                  "Access groups stored under \"(other commands)\": their container "
+                                  "or host cgroup had used 64 distinct commands already",
+                                  value=st.commands_folded())
         mounted = GaugeMetricFamily(f"{p}_volume_mounted", "1 while the object is mounted on this node",
                                     labels=["namespace", "kind", "name"])
         seen = set()

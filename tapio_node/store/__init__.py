@@ -80,6 +80,8 @@ class AccessStore:
         self.learning_period = learning_period
         self.node_name = node_name
         self.on_new_reader = on_new_reader
+        # How many access groups the row keys folded (RowKeys.commands_folded), for the metric.
+        self.commands_folded: Callable[[], int] = lambda: 0
         self.clock = clock
         self.max_pending = max_pending
         self.max_objects = max_objects

@@ -12,6 +12,12 @@ POD, HOST, KUBELET = "pod", "host", "kubelet"
 SA_VOLUME_PREFIX = "kube-api-access-"
 # Host cgroups remembered per cgroup id (bounded: ids of gone cgroups pile up).
 MAX_HOST_CGROUPS = 4096
+# A pod chooses its processes' names: past this many distinct commands per
+# container (or host cgroup) they share one row, so it cannot grow the store
+# without bound by exec'ing random names.
+MAX_COMMANDS = 64
+OTHER_COMMANDS = "(other commands)"
+MAX_ACCESSORS = 65536
 
 
 def workload_name(kind: str | None, name: str | None, pod_name: str | None) -> str:
@@ -40,6 +46,22 @@ class RowKeys:
     def __init__(self, podspecs=None):
         self.podspecs = podspecs
         self._host_cgroups: dict[int, str] = {}
+        self._commands: dict[str, set[str]] = {}
+        self.commands_folded = 0   # accesses recorded under OTHER_COMMANDS
+
+    def command(self, accessor: str, command: str) -> str:
+        seen = self._commands.get(accessor)
+        if seen is None:
+            if len(self._commands) >= MAX_ACCESSORS:
+                self._commands.clear()
+            seen = self._commands[accessor] = set()
+        if command in seen:
+            return command
+        if len(seen) < MAX_COMMANDS:
+            seen.add(command)
+            return command
+        self.commands_folded += 1
+        return OTHER_COMMANDS
 
     def host_cgroup(self, cgroup_id: int, pid: int) -> str:
         path = self._host_cgroups.get(cgroup_id)
@@ -74,10 +96,15 @@ class RowKeys:
             kind, acc_ns, acc_pod = HOST, "", ""
             # A host program is known by its unit (its cgroup), else by its name.
             acc_workload = cgroup or proc.command
+        container = proc.container_id or ""
+        command = proc.command
+        seen = self._commands.get(container or cgroup or acc_workload)
+        if seen is None or command not in seen:   # the rare case, out of line
+            command = self.command(container or cgroup or acc_workload, command)
         return (event.namespace or "", event.pod_name or "", vol.pod_uid, owner_workload,
                 vol.kind, object_kind(vol.kind, event.source_kind), event.config_name,
                 vol.name, event.file, kind, acc_ns, acc_workload, acc_pod,
-                proc.container_id or "", cgroup, proc.command)
+                container, cgroup, command)
 
 
 class MountInventory:

@@ -262,3 +262,14 @@ def test_an_upgrade_migrates_in_place_and_keeps_the_rows(state, monkeypatch):
     assert conn.execute("SELECT count, note FROM accesses").fetchall() == [(7, "")]
     conn.close()
     assert schema.migrate(schema.open_rw(state)) == 2   # nothing left to do
+
+
+def test_a_pod_cannot_grow_the_store_with_random_command_names():
+    from tapio_node.store.rows import MAX_COMMANDS, OTHER_COMMANDS, RowKeys
+
+    rk = RowKeys()
+    got = [rk.command("c" * 64, f"x{i}") for i in range(MAX_COMMANDS + 10)]
+    assert len(set(got)) == MAX_COMMANDS + 1 and got[-1] == OTHER_COMMANDS
+    assert rk.command("c" * 64, "x0") == "x0"          # a known one keeps its row
+    assert rk.command("d" * 64, "x99") == "x99"        # another container has its own
+    assert rk.commands_folded == 10
