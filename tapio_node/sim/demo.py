@@ -20,7 +20,7 @@ from typing import Callable
 
 from tapio_node.sim.node import PLUGINS, SA_MOUNT, SimPod, SimulatedNode, VolumeSpec, child_env
 from tapio_node.sim.opener import reader_argv
-from tapio_node.sim.system import SimulationError
+from tapio_node.sim.system import SimulationError, terminate
 
 
 class _Stop(Exception):
@@ -141,13 +141,8 @@ def run_demo(start_collector: Callable[[str], object] | None = None, duration: f
         for sig in old:
             signal.signal(sig, signal.SIG_IGN)
         try:
-            if isinstance(collector, subprocess.Popen) and collector.poll() is None:
-                collector.send_signal(signal.SIGTERM)
-                try:
-                    collector.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    collector.kill()
-                    collector.wait()
+            if isinstance(collector, subprocess.Popen):
+                terminate(collector, timeout=10)
             if node is not None:
                 try:
                     node.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
 
 from tapio_node import host
 
@@ -23,6 +24,18 @@ def cgroup2_mount() -> str:
         raise SimulationError("no cgroup v2 mount found in /proc/self/mountinfo; mount one with "
                               "'mount -t cgroup2 none /sys/fs/cgroup/unified'")
     return root
+
+
+def terminate(proc, timeout: float) -> None:
+    """SIGTERM a child (a subprocess.Popen) and reap it; SIGKILL it after `timeout` s."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

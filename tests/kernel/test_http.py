@@ -8,7 +8,6 @@ real-component tests.
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -22,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tapio_node.httpd import ListenError, parse_listen_address, serve
 from tapio_node.metrics import DaemonState, Metrics
+from tapio_node.sim.system import terminate
 
 
 def state(**kw):
@@ -240,12 +240,7 @@ def test_real_prometheus_scrape(server, tmp_path):
         code, _, body = get(f"http://{web}/api/v1/query?query=" + urllib.parse.quote('up{job="tapio"}'))
         assert json.loads(body)["data"]["result"][0]["value"][1] == "1"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, timeout=60)
 
 
 def test_idle_connections_cannot_exhaust_the_listener(server):

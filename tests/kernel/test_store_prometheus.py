@@ -6,7 +6,6 @@ dashboard's and rules' queries run against the real server."""
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,8 @@ import pytest
 import yaml
 
 from harness import SLOWDOWN, daemon_factory  # noqa: F401  (fixture)
-from tapio_node.sim.node import SA_MOUNT, VolumeSpec
+from tapio_node.sim.node import VolumeSpec
+from tapio_node.sim.system import terminate
 
 pytestmark = pytest.mark.kernel
 
@@ -67,12 +67,7 @@ def prometheus(tmp_path):
 
     yield start
     for p in procs:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        terminate(p, timeout=60)
 
 
 def wait_for(fn, timeout=90.0):
@@ -113,7 +108,6 @@ def test_three_nodes_through_a_real_prometheus(sim_node_factory, daemon_factory,
     api.add_container("main").start_reader("/run/secrets/keys/k", count=2, comm="api").wait()
     snoop.add_container("main").start_reader(api.volume_dir("keys") + "/k", mounts={}, comm="snoop").wait()
     c.start_host_reader(api.volume_dir("keys") + "/k", comm="backup").wait()
-    _ = SA_MOUNT
 
     url = prometheus({name: d.listen for name, d in daemons.items()})
     up = wait_for(lambda: len([s for s in prom_query(url, "up == 1")]) == 3)
