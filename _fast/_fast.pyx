@@ -278,6 +278,16 @@ cdef class BpfObject:
         self.links.remove(addr)
         bpf_link__destroy(<bpf_link *>addr)
 
+    def pin_link(self, str name, str path):
+        """Pin an attached program's link: it stays attached after this
+        process exits, until the pin is removed."""
+        _check(bpf_link__pin(<bpf_link *><size_t>self.link_names[name], os.fsencode(path)),
+               f"pinning the link of {name} at {path}")
+
+    def unpin_link(self, str name):
+        _check(bpf_link__unpin(<bpf_link *><size_t>self.link_names[name]),
+               f"unpinning the link of {name}")
+
     def recursion_misses(self, str name):
         """Times the kernel skipped this program because another BPF
         program or a BPF syscall held the CPU (bpf_prog_info, 5.12+;

@@ -36,6 +36,8 @@ cdef extern from "bpf/libbpf.h" nogil:
     bint bpf_program__autoload(const bpf_program *prog)
     bpf_link *bpf_program__attach(const bpf_program *prog)
     int bpf_link__destroy(bpf_link *link)
+    int bpf_link__pin(bpf_link *link, const char *path)
+    int bpf_link__unpin(bpf_link *link)
 
     int bpf_map__fd(const bpf_map *map)
     const char *bpf_map__name(const bpf_map *map)

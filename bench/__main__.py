@@ -26,7 +26,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from bench import configs as C  # noqa: E402
-from bench import report, scenarios  # noqa: E402
+from bench import bpfcost, report, scenarios  # noqa: E402
 
 FULL = {"rounds": 5, "open_unw": 100_000, "read_wat": 100_000, "getpid": 1_000_000,
         "hammer": 1_000_000, "latency_rate": 1000, "latency_secs": 5, "race_secs": 5,
@@ -37,7 +37,7 @@ QUICK = {"rounds": 2, "open_unw": 50_000, "read_wat": 50_000, "getpid": 500_000,
 # auditd's watch costs ~80 us per watched open: fewer iterations, same ns/op
 AUDIT_SCALE = 0.1
 SKIPPABLE = ("bpftrace", "auditd", "sampling", "latency", "race", "startup", "throughput",
-             "storm", "overflow", "mounts")
+             "storm", "overflow", "mounts", "bpfcost")
 
 
 def parse_args(argv):
@@ -244,7 +244,7 @@ def main(argv=None):
             skip.add("auditd")
     env = None
     interrupted = False
-    raw, counts, tput, extra = {}, {}, {}, {}
+    raw, counts, tput, extra, costs = {}, {}, {}, {}, {}
     cfgs = main_configs(skip, args.backends)
     audit_cfgs = []
     try:
@@ -263,6 +263,15 @@ def main(argv=None):
                    profile)
         if profile:
             extra["profile"] = profile
+        if "bpfcost" not in skip:
+            for cfg in cfgs:
+                if isinstance(cfg, C.Tapio):
+                    log(f"bpf cost, {cfg.name} ...")
+                    try:
+                        costs[cfg.name] = bpfcost.measure(env, cfg)
+                    except Exception as e:
+                        errors.append(f"bpf cost {cfg.name}: {e}")
+                        log(f"  bpf cost FAILED: {e}")
         for name, fn in (("latency", lambda: scenarios.latency(env)),
                          ("update_race", lambda: scenarios.update_race(env)),
                          ("startup", lambda: scenarios.startup(env, sz["pods"])),
@@ -316,6 +325,8 @@ def main(argv=None):
 
     all_cfgs = cfgs + audit_cfgs
     summary = report.summarize_micro(raw, all_cfgs)
+    if costs:
+        extra["bpf_cost"] = bpfcost.breakdown(costs, summary)
     tsum = report.throughput_summary(tput)
     exact = report.exact_counts(counts)
     tgt = report.explain(report.targets(summary, tsum, exact, extra), extra.get("profile"))

@@ -44,4 +44,16 @@ extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
 /* 5.15: io_uring direct descriptors (a fixed-file slot, not an fd). */
 #define HAVE_URING_FILE_SLOT bpf_core_field_exists(struct io_open, file_slot)
 
+/* 6.15 renamed kernfs_node.parent to __parent (it became RCU-managed). */
+struct kernfs_node___old {
+	struct kernfs_node *parent;
+} __attribute__((preserve_access_index));
+
+static __always_inline struct kernfs_node *kn_parent(struct kernfs_node *kn)
+{
+	if (bpf_core_field_exists(struct kernfs_node, __parent))
+		return BPF_CORE_READ(kn, __parent);
+	return BPF_CORE_READ((struct kernfs_node___old *)kn, parent);
+}
+
 #endif /* __TAPIO_COMPAT_BPF_H */

@@ -16,6 +16,7 @@ char LICENSE[] SEC("license") = "GPL";
 
 #define S_IFMT 00170000
 #define S_IFREG 0100000
+#define EACCES 13
 
 /* 1 in N syscalls of pod processes becomes a pod_syscall record (0: off). */
 const volatile __u32 sampling_rate = 0;
@@ -33,6 +34,9 @@ __u32 wakeup_bytes = 0;
 /* Which overflow_counts generation the kernel writes (modulo
  * TAPIO_OVERFLOW_GENS); user space advances it after draining the oldest. */
 __u32 overflow_gen = 0;
+
+/* Enforcement (TAPIO_POLICY_*), set live by user space. */
+__u32 policy_mode = 0;
 
 /* Keep the record types in the object's BTF, so the user-space mirror
  * can be checked against it (tests/unit/test_wire_btf.py). */
@@ -106,6 +110,55 @@ struct {
 	__type(key, struct tapio_overflow_key);
 	__type(value, __u64);
 } overflow_counts SEC(".maps");
+
+/* Enforcement: the owner of each volume and whether it is protected;
+ * written by user space before the volume's files enter watched_inodes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct tapio_volume_policy);
+} volume_policy SEC(".maps");
+
+/* Host cgroup leaf names (systemd units) allowed to open any volume. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, char[TAPIO_NAME_LEN]);
+	__type(value, __u32);
+} policy_host_allow SEC(".maps");
+
+/* Pods (by UID) allowed to open other pods' volumes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct tapio_uid);
+	__type(value, __u32);
+} policy_pod_allow SEC(".maps");
+
+/* cgroup id -> who its processes are. A cgroup's path never changes
+ * (cgroup v2 refuses renames) and ids are never reused, so an entry never
+ * goes stale; LRU bounds it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct tapio_opener);
+} opener_cache SEC(".maps");
+
+struct policy_scratch {
+	char name[TAPIO_CGROUP_NAME_LEN];
+	struct tapio_opener opener;
+};
+
+/* Per-CPU room for a cgroup name: a map value takes bounded variable
+ * offsets on every kernel, the stack not before 5.11. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct policy_scratch);
+} policy_scratch SEC(".maps");
 
 /* Fallback only (use_enter_stash): thread -> filename pointer. */
 struct {
@@ -281,7 +334,7 @@ static __always_inline void report_access(struct file *file, struct tapio_inode_
 		rec = bpf_ringbuf_reserve(&events, sizeof(*rec), 0);
 	}
 	if (!rec) {
-		count_overflow(id, watch, op);
+		count_overflow(id, watch, op | (flags & TAPIO_F_POLICY_MASK) << 2);
 		return;
 	}
 
@@ -315,6 +368,136 @@ static __always_inline void report_access(struct file *file, struct tapio_inode_
 	}
 }
 
+/* -- enforcement -------------------------------------------------------
+ * A pod's protected volume may be opened only by that pod's processes,
+ * pods in policy_pod_allow and host units in policy_host_allow. Decided
+ * here from the opener's cgroup path and the volume's owner, so a pod
+ * that started a moment ago is never denied for user space lagging. */
+
+static __always_inline char name_at(struct policy_scratch *s, long i)
+{
+	return s->name[i & (TAPIO_CGROUP_NAME_LEN - 1)];
+}
+
+/* Does the name end, at `end`, in "-pod" + a ulen-character UID? */
+static __always_inline bool systemd_pod_at(struct policy_scratch *s, long end, long ulen)
+{
+	long p = end - ulen - 4;
+
+	return p >= 0 && name_at(s, p) == '-' && name_at(s, p + 1) == 'p' &&
+	       name_at(s, p + 2) == 'o' && name_at(s, p + 3) == 'd';
+}
+
+/* The pod UID in one cgroup name into out ('-' separated), or false:
+ * "pod<uid>" (cgroupfs driver) or "...-pod<uid>.slice" (systemd driver,
+ * which escapes '-' as '_'). */
+static __always_inline bool pod_uid_of(struct policy_scratch *s, long len,
+				       struct tapio_uid *out)
+{
+	long start, ulen, end = len - 6;
+
+	if ((len == 39 || len == 35) && name_at(s, 0) == 'p' && name_at(s, 1) == 'o' &&
+	    name_at(s, 2) == 'd') {
+		start = 3;
+		ulen = len - 3;
+	} else if (len > 6 && name_at(s, end) == '.' && name_at(s, end + 1) == 's' &&
+		   name_at(s, end + 2) == 'l' && name_at(s, end + 3) == 'i' &&
+		   name_at(s, end + 4) == 'c' && name_at(s, end + 5) == 'e') {
+		if (systemd_pod_at(s, end, 36))
+			ulen = 36;
+		else if (systemd_pod_at(s, end, 32))
+			ulen = 32;
+		else
+			return false;
+		start = end - ulen;
+	} else {
+		return false;
+	}
+#pragma unroll
+	for (int i = 0; i < 36; i++) {
+		char c;
+
+		if (i >= ulen)
+			break;
+		c = name_at(s, start + i);
+		if (c == '_')
+			c = '-';
+		if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || c == '-'))
+			return false;
+		out->s[i] = c;
+	}
+	return true;
+}
+
+/* Who the current task is, from its cgroup v2 path, cached per cgroup. */
+static __always_inline struct tapio_opener *current_opener(void)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct kernfs_node *kn = BPF_CORE_READ(task, cgroups, dfl_cgrp, kn);
+	__u64 cgid = BPF_CORE_READ(kn, id);
+	struct tapio_opener *o = bpf_map_lookup_elem(&opener_cache, &cgid);
+	struct tapio_uid found;
+	struct policy_scratch *s;
+	__u32 zero = 0;
+	long n;
+
+	if (o)
+		return o;
+	s = bpf_map_lookup_elem(&policy_scratch, &zero);
+	if (!s)
+		return NULL;
+	__builtin_memset(&s->opener, 0, sizeof(s->opener));
+	n = bpf_probe_read_kernel_str(s->opener.leaf, sizeof(s->opener.leaf), BPF_CORE_READ(kn, name));
+	if (n == sizeof(s->opener.leaf))
+		s->opener.leaf[0] = 0;  /* cut short: it matches no allowed name */
+	/* Walk to the root and keep the topmost pod: a tenant may name a
+	 * cgroup below its own container after another pod, never above. */
+	for (int level = 0; level < TAPIO_CGROUP_DEPTH && kn; level++) {
+		n = bpf_probe_read_kernel_str(s->name, sizeof(s->name), BPF_CORE_READ(kn, name));
+		__builtin_memset(&found, 0, sizeof(found));
+		if (n > 1 && pod_uid_of(s, n - 1, &found)) {
+			s->opener.pod = found;
+			s->opener.flags = TAPIO_OPENER_POD;
+		}
+		kn = kn_parent(kn);
+	}
+	if (kn)
+		s->opener.flags = TAPIO_OPENER_UNKNOWN;  /* deeper than we walk */
+	bpf_map_update_elem(&opener_cache, &cgid, &s->opener, BPF_ANY);
+	return &s->opener;
+}
+
+static __always_inline bool same_uid(const struct tapio_uid *a, const struct tapio_uid *b)
+{
+	const __u64 *x = (const __u64 *)a->s, *y = (const __u64 *)b->s;
+
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
+}
+
+/* The TAPIO_F_POLICY_* flag for a watched open by the current task. */
+static __always_inline __u32 policy_verdict(struct tapio_watch *watch, bool can_deny)
+{
+	__u32 mode = policy_mode;
+	struct tapio_volume_policy *vp;
+	struct tapio_opener *o;
+
+	if (mode == TAPIO_POLICY_OFF)
+		return 0;
+	vp = bpf_map_lookup_elem(&volume_policy, &watch->volume_id);
+	if (!vp || !(vp->flags & TAPIO_VOL_PROTECTED))
+		return TAPIO_F_POLICY_ALLOWED;
+	o = current_opener();
+	if (o && (o->flags & TAPIO_OPENER_POD)) {
+		if (same_uid(&o->pod, &vp->owner) || bpf_map_lookup_elem(&policy_pod_allow, &o->pod))
+			return TAPIO_F_POLICY_ALLOWED;
+	} else if (o && !(o->flags & TAPIO_OPENER_UNKNOWN)) {
+		if (bpf_map_lookup_elem(&policy_host_allow, o->leaf))
+			return TAPIO_F_POLICY_ALLOWED;
+	}
+	return mode == TAPIO_POLICY_ENFORCE && can_deny ? TAPIO_F_POLICY_DENIED
+							: TAPIO_F_POLICY_WOULD_DENY;
+}
+
 static __always_inline int on_open_exit(long ret, __u32 op, int path_arg)
 {
 	struct tapio_inode_key key = {};
@@ -343,6 +526,8 @@ static __always_inline int on_open_exit(long ret, __u32 op, int path_arg)
 	id = bpf_get_current_pid_tgid();
 	if ((__u32)(id >> 32) == self_tgid)
 		return 0;
+	/* The open has succeeded: a verdict here can only be reported. */
+	flags |= policy_verdict(&watch, false);
 	report_access(file, &key, &watch, flags, inode, id, op, user_path(path_arg), ret);
 	return 0;
 }
@@ -499,26 +684,29 @@ static __always_inline __u32 opener_op(const char **upath)
 	return TAPIO_OP_OTHER;
 }
 
-static __always_inline void on_file_open(struct file *file)
+/* Returns -EACCES to deny (only where can_deny: the LSM program). */
+static __always_inline int on_file_open(struct file *file, bool can_deny)
 {
 	struct tapio_inode_key key = {};
 	struct tapio_watch watch = {};
 	struct inode *inode = NULL;
 	const char *upath;
-	__u32 flags = 0, op;
+	__u32 flags = 0, op, verdict;
 	__u64 id;
 
 	if (probe_tgid && (__u32)(bpf_get_current_pid_tgid() >> 32) == probe_tgid)
 		count(TAPIO_STAT_PROBE);
 	/* A hook argument is a BTF pointer: fields load directly on every kernel. */
 	if (!match_direct(file, &key, &watch, &flags, &inode))
-		return;
+		return 0;
 	id = bpf_get_current_pid_tgid();
 	if ((__u32)(id >> 32) == self_tgid)
-		return;
+		return 0;
+	verdict = policy_verdict(&watch, can_deny);
 	op = opener_op(&upath);
 	/* The fd is not allocated to the file yet at this point. */
-	report_access(file, &key, &watch, flags, inode, id, op, upath, -1);
+	report_access(file, &key, &watch, flags | verdict, inode, id, op, upath, -1);
+	return verdict == TAPIO_F_POLICY_DENIED ? -EACCES : 0;
 }
 
 /* ret: the verdict of the BPF LSM programs before this one. Other LSMs
@@ -529,8 +717,7 @@ int BPF_PROG(lsm_config_access, struct file *file, int ret)
 {
 	if (ret)
 		return ret;
-	on_file_open(file);
-	return 0;
+	return on_file_open(file, true);
 }
 
 /* fexit, not fentry: it sees security_file_open's verdict, the whole LSM
@@ -540,7 +727,7 @@ SEC("fexit/security_file_open")
 int BPF_PROG(fexit_config_access, struct file *file, int ret)
 {
 	if (!ret)
-		on_file_open(file);
+		on_file_open(file, false);
 	return 0;
 }
 

@@ -24,6 +24,11 @@
 #define TAPIO_F_BY_DIR 0x8      /* matched by a watched parent directory */
 #define TAPIO_F_UNLINKED 0x10   /* the inode has no name left (subPath) */
 #define TAPIO_F_DNAME_TRUNC 0x20 /* a dnames[] name was cut at TAPIO_DNAME_LEN - 1 */
+/* The enforcement verdict (none of them while policy_mode is off). */
+#define TAPIO_F_POLICY_ALLOWED 0x40
+#define TAPIO_F_POLICY_WOULD_DENY 0x80  /* audit mode, or a backend that cannot deny */
+#define TAPIO_F_POLICY_DENIED 0x100     /* the open failed with EACCES */
+#define TAPIO_F_POLICY_MASK 0x1c0
 
 /* which syscall opened the file */
 #define TAPIO_OP_OPENAT 0
@@ -49,6 +54,22 @@
  * devices / inodes (files and volume dirs) that fall in them. */
 #define TAPIO_DEV_FILTER_SLOTS 1024
 #define TAPIO_INO_FILTER_SLOTS 65536
+
+/* policy_mode, set by user space through the mmapped .bss */
+#define TAPIO_POLICY_OFF 0
+#define TAPIO_POLICY_AUDIT 1
+#define TAPIO_POLICY_ENFORCE 2
+
+/* volume_policy flags */
+#define TAPIO_VOL_PROTECTED 0x1   /* its kind is in enforcement.kinds */
+
+/* opener_cache flags */
+#define TAPIO_OPENER_POD 0x1      /* pod_uid holds the opener's pod */
+#define TAPIO_OPENER_UNKNOWN 0x2  /* its cgroup is nested deeper than we walk */
+
+/* How far up a cgroup's ancestors the opener's pod is looked for. */
+#define TAPIO_CGROUP_DEPTH 16
+#define TAPIO_CGROUP_NAME_LEN 128
 
 /* counters (index into the per-CPU stats map) */
 #define TAPIO_STAT_DROPS 0      /* ring buffer reservation failed */
@@ -83,6 +104,9 @@ struct tapio_dev {
  * tracepoints are preemptible on newer kernels) still counts into a
  * generation nobody drains or deletes yet. */
 #define TAPIO_OVERFLOW_GENS 8
+/* An overflow key's op holds the TAPIO_OP_* in its low byte and the
+ * verdict above it: op | (flags & TAPIO_F_POLICY_MASK) << 2. */
+#define TAPIO_OVERFLOW_OP_MASK 0xff
 struct tapio_overflow_key {
 	__u64 cgroup_id;
 	__u32 pid;
@@ -90,6 +114,25 @@ struct tapio_overflow_key {
 	__u32 file_id;
 	__u16 op;
 	__u16 gen;
+};
+
+/* A pod UID as text, '-' separated, NUL padded: 36 characters (32 for a
+ * static pod's config hash). */
+struct tapio_uid {
+	char s[TAPIO_UID_LEN];
+};
+
+struct tapio_volume_policy {
+	struct tapio_uid owner;   /* the pod whose volume this is */
+	__u32 flags;              /* TAPIO_VOL_* */
+};
+
+/* Who opens, from the opener's cgroup: its pod, or its leaf name (a
+ * systemd unit on the host). */
+struct tapio_opener {
+	struct tapio_uid pod;
+	__u32 flags;              /* TAPIO_OPENER_* */
+	char leaf[TAPIO_NAME_LEN];
 };
 
 struct tapio_pod_info {

@@ -15,9 +15,11 @@ from tapio_node.kernel.records import AccessRecord
 def overflow_record(cgroup_id: int, pid: int, volume_id: int, file_id: int, op: int,
                     count: int, now_ns: int) -> AccessRecord:
     """A group the kernel only counted (the ring buffer was full): no path,
-    no per-access time, the command as /proc says it now."""
+    no per-access time, the command as /proc says it now. op is the
+    overflow key's: the opener's syscall and the policy verdict."""
+    op, flags = wire.split_overflow_op(op)
     return AccessRecord(pid=pid, tid=pid, cgroup_id=cgroup_id, comm=host.proc_comm(pid), dev=0, gen=0,
-                        ino=0, volume_id=volume_id, file_id=file_id, flags=0, op=op, path="",
+                        ino=0, volume_id=volume_id, file_id=file_id, flags=flags, op=op, path="",
                         dnames=None, count=count, first_ts=now_ns, last_ts=now_ns, stamps=None)
 
 
@@ -88,7 +90,8 @@ class Attributor:
             workload=workload, app=app, syscall=wire.OP_NAMES.get(op, str(op)),
             stale_inode=bool(flags & wire.F_UNLINKED),
             path_truncated=bool(flags & wire.F_PATH_TRUNC),
-            file_truncated=bool(flags & wire.F_DNAME_TRUNC), **extra)
+            file_truncated=bool(flags & wire.F_DNAME_TRUNC),
+            policy=wire.POLICY_NAMES.get(flags & wire.F_POLICY_MASK), **extra)
         return event, vol
 
     def syscall(self, rec) -> ev.PodSyscallEvent:
@@ -116,3 +119,6 @@ def count_access(metrics, event: ev.AccessEvent, vol, count: int) -> None:
                        volume_id=vol.id)
     if event.cross_pod:
         metrics.cross_pod(event.namespace, vol.kind, count)
+    if event.policy in ev.VIOLATIONS:
+        metrics.policy_violation(event.namespace, vol.kind, event.config_name,
+                                 "deny" if event.policy == "denied" else "audit", count)

@@ -220,6 +220,22 @@ def check_hooks(choice: str, have_tracepoints: bool,
     return out, chosen
 
 
+def check_enforcement(mode: str, backend: str | None) -> Check:
+    """enforcement.mode against the backend the daemon would use."""
+    from tapio_node.kernel.policy import enforce_unavailable
+
+    if mode == "enforce":
+        why = enforce_unavailable(backend or "no", backends.probe()) if backend != backends.LSM else None
+        if why:
+            detail, fix = why.split("; ", 1)
+            return Check(name="enforcement", ok=False, fatal=True, detail=detail, fix=fix)
+        return Check(name="enforcement", ok=True, fatal=True,
+                     detail="enforce: opens of protected volumes by other pods fail with EACCES")
+    detail = {"off": "off", "audit": f"audit on the {backend} backend: violations are "
+              "reported (policy would_deny), nothing is blocked"}[mode]
+    return Check(name="enforcement", ok=True, fatal=False, detail=detail)
+
+
 def check_kernel_features(backend: str | None) -> list[Check]:
     """What the tracepoint backend adapts to on this kernel
     (tapio_node/kernel/compat.py): never fatal, each missing one says what
@@ -365,7 +381,10 @@ def run_checks(cfg, *, only_fatal: bool = False) -> list[Check]:
     checks = [check_root(), *check_caps(), check_btf(), *check_bpf_syscall()]
     tps = check_tracepoints()
     have_tp = all(c.ok for c in tps if c.fatal)
-    hooks, backend = check_hooks(cfg.hook_backend, have_tp, only_fatal)
+    from tapio_node.config import hook_backend_of
+
+    hooks, backend = check_hooks(hook_backend_of(cfg), have_tp, only_fatal)
+    hooks.append(check_enforcement(cfg.enforcement.mode, backend))
     # The tracepoints are needed by that backend, and for syscall sampling.
     need_tp = backend in (None, backends.TRACEPOINT) or cfg.syscall_sampling_rate > 0
     if not need_tp:

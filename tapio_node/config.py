@@ -25,6 +25,21 @@ class ConfigError(Exception):
         super().__init__(f"{where}{key}: {problem}")
 
 
+ENFORCEMENT_MODES = ("off", "audit", "enforce")
+ENFORCEMENT_KINDS = ("configmap", "secret", "projected")
+
+
+class Enforcement(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Who may open a pod's protected volumes: its own containers, the
+    kubelet, host units and accessor pods listed here (tapio_node/policy)."""
+    mode: str = "off"
+    kinds: list[str] = msgspec.field(default_factory=lambda: ["secret", "projected"])
+    # Host processes allowed, by the leaf name of their cgroup (a systemd unit).
+    allow_host_cgroups: list[str] = msgspec.field(default_factory=lambda: ["kubelet.service"])
+    # Accessor pods allowed to read other pods' volumes: "namespace/name-glob".
+    allow_pods: list[str] = msgspec.field(default_factory=list)
+
+
 class KernelCollector(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Keys existing kernel_collector configs carry.
     name: str = "kernel-config-monitor"
@@ -59,6 +74,7 @@ class KernelCollector(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Where the kernel side hooks opens: auto picks the first of lsm,
     # fentry, tracepoint that attaches (tapio_node/kernel/backends.py).
     hook_backend: str = "auto"
+    enforcement: Enforcement = msgspec.field(default_factory=Enforcement)
     # Pod specs (real ConfigMap/Secret names).
     kubeconfig: str | None = None
     node_name: str | None = None
@@ -208,6 +224,38 @@ def validate(kc: KernelCollector, source: str | None, explicit: set | frozenset 
         split_listen_address(kc.listen_address)
     except ValueError as exc:
         bad("listen_address", str(exc))
+    validate_enforcement(kc.enforcement, bad)
+    if kc.enforcement.mode == "enforce" and kc.hook_backend not in ("auto", "lsm"):
+        bad("enforcement.mode", f"enforce needs hook_backend lsm or auto, got hook_backend "
+            f"{kc.hook_backend} (the fentry and tracepoint backends can only report: use mode: audit)")
+
+
+# Bounds of what the kernel's policy maps hold (bpf/tapio.bpf.c).
+MAX_ALLOW_HOST_CGROUPS = 128
+MAX_ALLOW_PODS = 256
+_POD_GLOB_RE = re.compile(r"^[a-z0-9*?\[\]-]([a-z0-9.*?\[\]-]{0,252})?$")
+
+
+def validate_enforcement(en: Enforcement, bad) -> None:
+    if en.mode not in ENFORCEMENT_MODES:
+        bad("enforcement.mode", f"must be one of {', '.join(ENFORCEMENT_MODES)}, got {en.mode!r}")
+    for kind in en.kinds:
+        if kind not in ENFORCEMENT_KINDS:
+            bad("enforcement.kinds", f"{kind!r} is not a volume kind; choose from "
+                f"{', '.join(ENFORCEMENT_KINDS)}")
+    if len(en.allow_host_cgroups) > MAX_ALLOW_HOST_CGROUPS:
+        bad("enforcement.allow_host_cgroups", f"at most {MAX_ALLOW_HOST_CGROUPS} names")
+    for name in en.allow_host_cgroups:
+        if not name or "/" in name or "\0" in name or len(name.encode()) >= 64:
+            bad("enforcement.allow_host_cgroups", f"{name!r}: expected the leaf name of a cgroup "
+                "such as kubelet.service (no '/', under 64 bytes)")
+    if len(en.allow_pods) > MAX_ALLOW_PODS:
+        bad("enforcement.allow_pods", f"at most {MAX_ALLOW_PODS} patterns")
+    for pat in en.allow_pods:
+        ns, sep, name = pat.partition("/")
+        if not sep or not _POD_GLOB_RE.match(ns) or not _POD_GLOB_RE.match(name):
+            bad("enforcement.allow_pods", f"{pat!r}: expected namespace/name-glob such as "
+                "monitoring/vault-agent-*")
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -251,6 +299,11 @@ def split_listen_address(addr: str) -> tuple[str, int]:
 def node_name_of(kc: KernelCollector) -> str:
     """The configured node name, else $NODE_NAME (a DaemonSet's downward-API env), else the host name."""
     return kc.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+def hook_backend_of(kc: KernelCollector) -> str:
+    """The hook backend to ask for: enforcing can only be done by lsm."""
+    return "lsm" if kc.enforcement.mode == "enforce" else kc.hook_backend
 
 
 def plugins_for(kc: KernelCollector) -> dict[str, str]:

@@ -17,8 +17,9 @@ import msgspec
 
 from tapio_node import __version__, events as ev, host
 from tapio_node.attribution import Attributor, count_access, overflow_record
-from tapio_node.config import (RESTART_KEYS, ConfigError, KernelCollector, duration_seconds, load_config,
-                               node_name_of, plugins_for)
+from tapio_node.config import (RESTART_KEYS, ConfigError, KernelCollector, duration_seconds,
+                               hook_backend_of, load_config, node_name_of, plugins_for)
+from tapio_node.enforcement import Enforcer
 from tapio_node.kernel.records import REC_ACCESS
 from tapio_node.outputs import NullSink, open_sink
 
@@ -77,6 +78,7 @@ class Daemon:
         self.pods = None
         self.podspecs = None
         self.attribution: Attributor | None = None
+        self.enforcer = None
         self.http = None
         self.sink = NullSink()
         self.metrics = None
@@ -198,7 +200,7 @@ class Daemon:
                              sampling_rate=kc.syscall_sampling_rate,
                              pod_correlation=kc.enable_pod_correlation,
                              pin_path=kc.pin_path, max_watched_files=kc.max_watched_files,
-                             hook_backend=kc.hook_backend,
+                             hook_backend=hook_backend_of(kc),
                              # Exercise the pre-5.15 fallback on a newer kernel.
                              force_enter_stash=os.environ.get("TAPIO_FORCE_ENTER_STASH") == "1")
         log.info("attached %s (%s backend, paths from %s) in %.0f ms",
@@ -212,6 +214,13 @@ class Daemon:
                                          keep_timestamps=self.output == "stdout")
         self.volumes = VolumeIndex(kc.kubelet_pods_path, plugins_for(kc), self.kernel.maps,
                                    max_files=kc.max_watched_files)
+        # Before the scan: each volume's protection goes in with it.
+        self.enforcer = Enforcer(self.kernel.policy, self.volumes)
+        self.volumes.protects = self.enforcer.protects
+        try:
+            self.enforcer.apply(kc.enforcement, kc.kubelet_cgroups)
+        except ValueError as exc:
+            raise KernelUnavailable(str(exc)) from None
         self.attribution = Attributor(self.volumes, self.clock)
         t1 = time.monotonic()
         self.volumes.scan_all(progress=self._progress)
@@ -222,6 +231,10 @@ class Daemon:
             self._start_pods()
         self._start_podspecs()
         self.attribution.pods, self.attribution.podspecs = self.pods, self.podspecs
+        self.enforcer.refresh_pods(self.pods)
+        # Every map filled: now our program can take over from one a
+        # previous run left enforcing.
+        self.kernel.policy.hold()
         self._start_store()
         self.sink = open_sink(self.output, self.clock, stream=self.stream,
                               journal_fold_window=kc.journal_fold_window)
@@ -454,6 +467,7 @@ class Daemon:
             # The kubelet has not made its pods dir yet: look again.
             self.volumes.scan_all()
         self.volumes.prune_graveyard()
+        self.enforcer.refresh_pods(self.pods)
         if self.metrics is not None:
             self.metrics.expire(self.volumes.volumes.keys(), now)
         if self.store is not None:
@@ -601,6 +615,14 @@ class Daemon:
             self.store.retention_days = new.retention_days
             self.store.learning_until += duration_seconds(new.learning_period) - self.store.learning_period
             self.store.learning_period = duration_seconds(new.learning_period)
+        if new.enforcement != old.enforcement or new.kubelet_cgroups != old.kubelet_cgroups:
+            try:
+                self.enforcer.apply(new.enforcement, new.kubelet_cgroups)
+                self.enforcer.refresh_pods(self.pods)
+                self.kernel.policy.hold()
+            except ValueError as exc:
+                log.error("reload: %s; enforcement stays %s", exc, self.enforcer.mode)
+                self.kc = new = msgspec.structs.replace(new, enforcement=old.enforcement)
         if new.journal_fold_window != old.journal_fold_window and self.output == "journal":
             self.sink.window = new.journal_fold_window
         log.info("configuration reloaded from %s", self.config_path or "defaults")
@@ -628,6 +650,10 @@ class Daemon:
                 log.exception("closing %s", type(part).__name__)
         self.reader = None
         if self.kernel is not None:
+            if self._stop and self.kernel.obj is not None:
+                # An orderly stop (SIGTERM): stop enforcing. A crash leaves
+                # the pinned link enforcing until the next start.
+                self.kernel.policy.release()
             self.kernel.close()
         if self._epoll is not None:
             self._epoll.close()

@@ -32,6 +32,9 @@ PROJECTED = EventKind("projected_access", "projected", "projected_access",
                       "601c75ef1e83445397c510929610c98a", "projected volume")
 SYSCALL = EventKind("pod_syscall", None, None, None, None, None, "syscall")
 KINDS = (CONFIGMAP, SECRET, PROJECTED, SYSCALL)
+# An access the enforcement policy denied or would deny: its own journal id.
+POLICY_VIOLATION_MESSAGE_ID = "3c1b9f0e5d7a4e62a8f4d2b6c9e07a15"
+VIOLATIONS = ("would_deny", "denied")
 # A journal record of an event type not in KINDS still gets a fixed id.
 OTHER_MESSAGE_ID = "fbb9f3d71d654d1390ebb72b5d3c4201"
 
@@ -87,6 +90,8 @@ class AccessEvent(msgspec.Struct, kw_only=True, gc=False):
     path_truncated: bool = False
     file_truncated: bool = False        # `file` from the kernel's dentry names, cut at 63 bytes
     overflow: bool = False              # counted in the kernel while the ring buffer was full
+    # The enforcement verdict: allowed | would_deny (audit) | denied; None with mode off.
+    policy: str | None = None
 
 
 class OverflowAccessEvent(AccessEvent, kw_only=True, gc=False):

@@ -267,6 +267,10 @@ class Metrics:
         }
         self._cross_pod = Counter(f"{p}_cross_pod_access", "Opens of another pod's volume file",
                                   ["namespace", "kind"], registry=r)
+        self._violations = Counter(f"{p}_policy_violations",
+                                   "Opens of a protected volume the enforcement policy denied "
+                                   "(action=deny) or would deny (action=audit)",
+                                   ["namespace", "kind", "name", "action"], registry=r)
         self._correlation = Counter(f"{p}_pod_correlation", "Pod correlation operations", ["operation"], registry=r)
         self._processing = Histogram(f"{p}_processing_duration_seconds", "User-space time to process one event",
                                      ["event_type"], buckets=PROCESSING_BUCKETS, registry=r)
@@ -322,6 +326,13 @@ class Metrics:
     def cross_pod(self, namespace: str | None, kind: str, count: int = 1) -> None:
         """Count opens of `kind` ("configmap", "secret", "projected") by a process of another pod."""
         self._child("cross_pod", self._cross_pod, (namespace or "", kind)).inc(count)
+
+    def policy_violation(self, namespace: str | None, kind: str, name: str | None, action: str,
+                         count: int = 1) -> None:
+        """Count opens of a protected volume by a process the policy does
+        not allow: action "deny" (enforce) or "audit"."""
+        self._child("policy", self._violations,
+                    (namespace or "", kind, name or "", action)).inc(count)
 
     def latency(self, seconds: float) -> None:
         self._latency.observe(seconds)

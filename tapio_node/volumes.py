@@ -125,6 +125,8 @@ class VolumeIndex:
         self.capacity_exceeded = 0
         self._volumes_of_pod: dict[str, int] = {}
         self.over_capacity: set[int] = set()
+        # kind -> protected by the enforcement policy (Enforcer.protects).
+        self.protects = lambda kind: False
 
     # -- bookkeeping -------------------------------------------------------
     def _skip(self, path: str, why: str) -> None:
@@ -208,7 +210,28 @@ class VolumeIndex:
             n = 0
         self.maps[fmap].update(wire.U32.pack(slot), wire.U32.pack(n))
 
+    def _put_policy(self, vol: Volume) -> None:
+        """The volume's owner and protection, before any of its entries:
+        the kernel never matches a file of a volume it has no policy for."""
+        if self.maps is None or "volume_policy" not in self.maps:
+            return
+        protected = bool(vol.pod_uid) and self.protects(vol.kind)
+        try:
+            self.maps["volume_policy"].update(wire.U32.pack(vol.id),
+                                              wire.volume_policy_value(vol.pod_uid, protected))
+        except OSError as exc:
+            if exc.errno in MAP_FULL_ERRNOS:
+                raise MapFull("volume_policy is full") from exc
+            raise
+
+    def refresh_policy(self) -> None:
+        """enforcement.kinds changed: rewrite every volume's protection."""
+        for vol in list(self.volumes.values()):
+            if vol.dev:
+                self._put_policy(vol)
+
     def _attach_dev(self, vol: Volume) -> None:
+        self._put_policy(vol)
         if vol.whole_dev:
             self._map_put("watched_devs", wire.U32.pack(vol.dev),
                           wire.dev_value(wire.DEV_WHOLE | self._dev_flags(vol.dev), vol.id))
@@ -483,6 +506,8 @@ class VolumeIndex:
         vol.files.clear()
         if vol.dev:
             self._detach_dev(vol)
+        if self.maps is not None and "volume_policy" in self.maps:
+            self.maps["volume_policy"].delete(wire.U32.pack(vol.id))
         self._grave[-vol.id] = (time.monotonic(), vol)
         for wd in vol.wds:
             self._wd.pop(wd, None)

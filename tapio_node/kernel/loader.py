@@ -7,7 +7,7 @@ import os
 from importlib import resources
 
 from tapio_node import host
-from tapio_node.kernel import backends, compat, wire
+from tapio_node.kernel import backends, compat, policy, wire
 
 log = logging.getLogger("tapio_node.kernel")
 
@@ -109,7 +109,9 @@ class Kernel:
                     self.path_source = "enter_stash"
             self.maps = {name: self.obj.map(name) for name in (
                 "watched_inodes", "watched_devs", "watched_dirs", "pod_info_map",
-                "container_pids", "stats", "overflow_counts", "dev_filter", "ino_filter")}
+                "container_pids", "stats", "overflow_counts", "dev_filter", "ino_filter",
+                *policy.MAPS)}
+            self.policy = policy.KernelPolicy(self)
             if pin_path:
                 self._pin(pin_path)
         except BaseException:

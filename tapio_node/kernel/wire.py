@@ -30,6 +30,13 @@ F_BY_DEV = 0x4
 F_BY_DIR = 0x8
 F_UNLINKED = 0x10
 F_DNAME_TRUNC = 0x20
+F_POLICY_ALLOWED = 0x40
+F_POLICY_WOULD_DENY = 0x80
+F_POLICY_DENIED = 0x100
+F_POLICY_MASK = F_POLICY_ALLOWED | F_POLICY_WOULD_DENY | F_POLICY_DENIED
+# The event's "policy" for each verdict flag.
+POLICY_NAMES = {F_POLICY_ALLOWED: "allowed", F_POLICY_WOULD_DENY: "would_deny",
+                F_POLICY_DENIED: "denied"}
 
 OP_OPENAT = 0
 OP_OPEN = 1
@@ -54,6 +61,15 @@ DEV_WALK = 0x4
 DEV_FILTER_SLOTS = 1024
 INO_FILTER_SLOTS = 65536
 
+POLICY_OFF = 0
+POLICY_AUDIT = 1
+POLICY_ENFORCE = 2
+VOL_PROTECTED = 0x1
+OPENER_POD = 0x1
+OPENER_UNKNOWN = 0x2
+CGROUP_DEPTH = 16
+CGROUP_NAME_LEN = 128
+
 STAT_DROPS = 0
 STAT_HITS = 1
 STAT_FD_RACE = 2
@@ -67,6 +83,12 @@ WATCH = struct.Struct("<II")               # volume_id, file_id
 DEV = struct.Struct("<II")                 # flags, volume_id
 OVERFLOW_KEY = struct.Struct("<QIIIHH")   # cgroup_id, pid, volume_id, file_id, op, gen
 OVERFLOW_GENS = 8
+OVERFLOW_OP_MASK = 0xff
+
+
+def split_overflow_op(op: int) -> tuple[int, int]:
+    """An overflow key's op -> (TAPIO_OP_*, the verdict flags)."""
+    return op & OVERFLOW_OP_MASK, (op & ~OVERFLOW_OP_MASK) >> 2
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 ACCESS = struct.Struct(f"<IIQQIIIIQIIIi{COMM_LEN}s{PATH_LEN}s")
@@ -74,6 +96,9 @@ ACCESS_EXT = struct.Struct(ACCESS.format + f"{DNAME_LEN * DNAMES}s")
 SYSCALL = struct.Struct(f"<IIQQII{COMM_LEN}s")
 POD_INFO = struct.Struct(
     f"<{UID_LEN}s{NAME_LEN}s{POD_NAME_LEN}s{CONTAINER_ID_LEN}sqII")
+UID = struct.Struct(f"<{UID_LEN}s")
+VOLUME_POLICY = struct.Struct(f"<{UID_LEN}sI")             # owner, flags
+OPENER = struct.Struct(f"<{UID_LEN}sI{NAME_LEN}s")        # pod, flags, leaf
 
 
 def pack_inode_key(dev: int, gen: int, ino: int) -> bytes:
@@ -109,6 +134,21 @@ def pack_pod_info(pod_uid: str, namespace: str | None, pod_name: str | None,
 def unpack_pod_info(raw: bytes) -> tuple[str, str, str, str, int, int]:
     uid, ns, name, cid, created, qos, _flags = POD_INFO.unpack(raw)
     return (_cstr(uid), _cstr(ns), _cstr(name), _cstr(cid), created, qos)
+
+
+def pack_uid(pod_uid: str) -> bytes:
+    """A pod UID as the kernel's cgroup walk writes it: '-' separated."""
+    return UID.pack(_fixed(pod_uid.replace("_", "-"), UID_LEN, "pod_uid"))
+
+
+def volume_policy_value(owner_uid: str, protected: bool) -> bytes:
+    return VOLUME_POLICY.pack(UID.pack(_fixed(owner_uid, UID_LEN, "pod_uid")),
+                              VOL_PROTECTED if protected else 0)
+
+
+def host_allow_key(leaf: str) -> bytes:
+    """A policy_host_allow key: a cgroup leaf name, NUL padded."""
+    return _fixed(leaf, NAME_LEN, "cgroup name").ljust(NAME_LEN, b"\0")
 
 
 def _cstr(raw: bytes) -> str:

@@ -17,8 +17,11 @@ TAPIO_CONTAINER_ID, TAPIO_CROSS_POD, TAPIO_ROLE, TAPIO_PROCESS_PID,
 TAPIO_PROCESS_COMM, TAPIO_CGROUP_ID (reader side); TAPIO_COUNT,
 TAPIO_FIRST_SEEN, TAPIO_LAST_SEEN; optional TAPIO_SYSCALL, TAPIO_WORKLOAD,
 TAPIO_SERVICE_ACCOUNT, TAPIO_APP, TAPIO_SOURCE_KIND, TAPIO_STALE_INODE;
-OBJECT_PID on records written as the access happens. PRIORITY is warning
-(4) for a secret read from another pod or the host, info (6) otherwise.
+TAPIO_POLICY (allowed, would_deny, denied: enforcement on); OBJECT_PID on
+records written as the access happens. PRIORITY is warning (4) for a
+secret read from another pod or the host and for a policy violation, info
+(6) otherwise. A violation (would_deny, denied) has its own MESSAGE_ID,
+events.POLICY_VIOLATION_MESSAGE_ID.
 
 Without the journald socket the records go to stderr, one line each, with an
 sd-daemon(3) priority prefix ("<4>", "<6>"), and a notice says so once.
@@ -78,15 +81,18 @@ def record_fields(event, count: int, first: str | None, last: str | None, identi
     ekind = ev.BY_EVENT_TYPE.get(event.event_type)
     kind = ekind.wording if ekind else event.event_type
     cross = getattr(event, "cross_pod", None)
-    priority = PRIORITY_WARNING if (ekind is ev.SECRET and cross) else PRIORITY_INFO
+    policy = getattr(event, "policy", None)
+    violation = policy in ev.VIOLATIONS
+    priority = PRIORITY_WARNING if (violation or (ekind is ev.SECRET and cross)) else PRIORITY_INFO
     accessor = _accessor_pod(proc)
     if proc is not None and proc.role:
         accessor += f", {proc.role}"
     owner = f"{event.namespace}/" if event.namespace else ""
     owner += event.config_name or event.volume_name or "?"
+    verb = {"denied": "was denied", "would_deny": "read (enforce would deny)"}.get(policy, "read")
     message = (
         f"{(proc.command if proc else None) or '?'}[{proc.pid if proc else '?'}] ({accessor}) "
-        f"read {kind} {owner} key {event.file or event.path or '?'}"
+        f"{verb} {kind} {owner} key {event.file or event.path or '?'}"
     )
     if cross:
         message += " (cross-pod)"
@@ -95,7 +101,8 @@ def record_fields(event, count: int, first: str | None, last: str | None, identi
         message += f", {count} times from {first} to {last}"
     fields = {
         "MESSAGE": message,
-        "MESSAGE_ID": ekind.message_id if ekind and ekind.message_id else ev.OTHER_MESSAGE_ID,
+        "MESSAGE_ID": (ev.POLICY_VIOLATION_MESSAGE_ID if violation else
+                       ekind.message_id if ekind and ekind.message_id else ev.OTHER_MESSAGE_ID),
         "PRIORITY": priority,
         "SYSLOG_IDENTIFIER": identifier,
         "TAPIO_EVENT_TYPE": event.event_type,
@@ -126,6 +133,7 @@ def record_fields(event, count: int, first: str | None, last: str | None, identi
         "TAPIO_APP": getattr(event, "app", None),
         "TAPIO_STALE_INODE": "true" if getattr(event, "stale_inode", False) else None,
         "TAPIO_PATH_TRUNCATED": "true" if getattr(event, "path_truncated", False) else None,
+        "TAPIO_POLICY": policy,
         "TAPIO_COUNT": count,
         "TAPIO_FIRST_SEEN": first,
         "TAPIO_LAST_SEEN": last,
@@ -201,7 +209,8 @@ class JournalSink:
             return
         proc = event.process
         accessor = _accessor(proc)
-        key = (proc.pid if proc else 0, accessor, event.pod_uid, event.volume_name, event.file)
+        key = (proc.pid if proc else 0, accessor, event.pod_uid, event.volume_name, event.file,
+               getattr(event, "policy", None))
         entry = self._table.get(key)
         if entry is not None:
             if entry.count == 0:

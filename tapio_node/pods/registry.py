@@ -102,6 +102,11 @@ class PodRegistry:
     def pods(self) -> int:
         return len(self._pod_cgs)
 
+    def pod_uids(self) -> list[str]:
+        """The UIDs of the pods that have a cgroup on this node."""
+        with self._lock:
+            return list(self._pod_cgs)
+
     # ---------------------------------------------------------- lookups
 
     def accessor(self, cgroup_id: int, pid: int, comm: str) -> Accessor:

@@ -525,8 +525,18 @@ class SimulatedNode:
 
     def start_host_reader(self, path: str, count: int = 1, syscall: str = "openat", chdir: str | None = None,
                           interval: float | None = None, at: str | None = None, comm: str | None = None,
-                          **popen_kwargs) -> "Reader":
-        """A reader on the host (no pod cgroup): e.g. a cross-pod read of a volume's host path."""
+                          cgroup: str | None = None, **popen_kwargs) -> "Reader":
+        """A reader on the host (no pod cgroup): e.g. a cross-pod read of a volume's host path.
+        cgroup: a host cgroup under the node's root to run it in, e.g.
+        "system.slice/kubelet.service" (made if missing, removed at close)."""
+        if cgroup is not None:
+            procs = os.path.join(self.cgroup_root, cgroup, "cgroup.procs")
+            os.makedirs(os.path.dirname(procs), exist_ok=True)
+
+            def enter_cgroup():
+                with open(procs, "w") as f:
+                    f.write("0")
+            popen_kwargs["preexec_fn"] = enter_cgroup
         return Reader(self.run_host, dict(path=path, count=count, syscall=syscall, chdir=chdir,
                                           interval=interval, at=at, comm=comm), **popen_kwargs)
 
@@ -573,6 +583,10 @@ class SimulatedNode:
         self._closed = True
         atexit.unregister(self.close)
         errors = []
+        # First the pins: an enforcing LSM link a killed daemon left there
+        # would deny the teardown's own reads.
+        if os.path.isdir(getattr(self, "pin_path", "")):
+            shutil.rmtree(self.pin_path, ignore_errors=True)
         for pod in list(self.pods):
             try:
                 self.remove_pod(pod)
@@ -603,8 +617,6 @@ class SimulatedNode:
         else:
             for path in self._created:
                 shutil.rmtree(path, ignore_errors=True)
-        if os.path.isdir(getattr(self, "pin_path", "")):
-            shutil.rmtree(self.pin_path, ignore_errors=True)
         if errors:
             raise SimulationError("simulated node teardown: " + "; ".join(errors))
 

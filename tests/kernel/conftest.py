@@ -167,3 +167,36 @@ def as_nobody():
 
     yield argv
     shutil.rmtree(top)
+
+
+def _bpf_lsm_missing() -> str | None:
+    from tapio_node.kernel import backends
+
+    a = backends.probe()[backends.LSM]
+    return None if a.ok else a.why
+
+
+def pytest_collection_modifyitems(config, items):
+    """Enforce tests need BPF LSM: they run in the VM matrix rows booted
+    with bpf in lsm=. Elsewhere they are deselected, and the summary says
+    why; a row that expects lsm (TAPIO_EXPECT_BACKEND) runs them whatever."""
+    need = [i for i in items if i.get_closest_marker("needs_bpf_lsm")]
+    if not need or os.environ.get("TAPIO_EXPECT_BACKEND") == "lsm":
+        return
+    why = _bpf_lsm_missing()
+    if why is None:
+        return
+    config.hook.pytest_deselected(items=need)
+    items[:] = [i for i in items if i not in need]
+    config.stash[_LSM_DESELECTED] = (len(need), why)
+
+
+_LSM_DESELECTED = pytest.StashKey[tuple]()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if _LSM_DESELECTED in config.stash:
+        n, why = config.stash[_LSM_DESELECTED]
+        terminalreporter.write_line(
+            f"{n} enforce tests deselected: no BPF LSM here ({why}); they run in the VM "
+            "matrix rows with bpf in lsm= (make vmtest KERNELS=6.1)")

@@ -24,6 +24,7 @@ class TapioProcess:
     def __init__(self, config_path: str, output: str = "stdout", env: dict | None = None,
                  extra_args: list[str] | None = None, read_stdout: bool = True):
         """read_stdout=False: nobody reads the daemon's stdout (a stalled consumer)."""
+        self.config_path = config_path
         with open(config_path) as fh:
             self.config = yaml.safe_load(fh)["kernel_collector"]
         self.listen = self.config["listen_address"]
@@ -93,6 +94,17 @@ class TapioProcess:
                     return got
                 self._cond.wait(timeout=max(0.01, deadline - time.monotonic()))
 
+    def wait_stderr(self, text: str, timeout: float = 10.0) -> str:
+        """The first stderr line containing text, waiting for it."""
+        deadline = time.monotonic() + timeout * SLOWDOWN
+        while True:
+            for line in list(self.stderr):
+                if text in line:
+                    return line
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"no {text!r} in the daemon's stderr: {''.join(self.stderr)}")
+            time.sleep(0.02)
+
     def settle(self, quiet: float = 0.5, timeout: float = 10.0) -> list[dict]:
         """Wait until no new line arrived for `quiet` seconds."""
         deadline = time.monotonic() + timeout * SLOWDOWN
@@ -129,13 +141,13 @@ class TapioProcess:
             self.proc.wait()
 
 
-def metric_value(text: str, name: str, **labels) -> float:
+def metric_value(text: str, sample: str, /, **labels) -> float:
     """A sample's value from the exposition text (0 when absent)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
                 return s.value
     return 0.0
 

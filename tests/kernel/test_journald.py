@@ -30,6 +30,7 @@ import uuid
 import msgspec
 import pytest
 
+from tapio_node.events import POLICY_VIOLATION_MESSAGE_ID
 from tapio_node.outputs.journal import MESSAGE_IDS
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "unit"))
@@ -325,7 +326,8 @@ def _ns_get(pid: int, url: str) -> str:
 def test_daemon_journal_output_end_to_end(sim_node, tmp_path):
     """Type=notify (READY, WATCHDOG, STOPPING from the daemon pid), real opens, and
     `journalctl TAPIO_CONFIG_NAME=...`
-    answering who read the secret, with exact folded counts."""
+    answering who read the secret, with exact folded counts; in audit mode the
+    other pod's reads are policy violations with their own MESSAGE_ID."""
     from harness import metric_value
     from tapio_node.sim.node import VolumeSpec
 
@@ -333,7 +335,7 @@ def test_daemon_journal_output_end_to_end(sim_node, tmp_path):
     snoop_pod = sim_node.add_pod("dev", "snoop", [], service_account=False)
     own, snoop = victim.add_container("postgres"), snoop_pod.add_container("sh")
     # A window longer than the test: repeats are folded until SIGTERM flushes them.
-    cfg = sim_node.write_config(journal_fold_window=3600.0)
+    cfg = sim_node.write_config(journal_fold_window=3600.0, enforcement={"mode": "audit"})
     listen = re.search(r"listen_address: (\S+)", open(cfg).read()).group(1).strip("'\"")
 
     notify = NotifyListener(tmp_path / "notify.sock")
@@ -394,9 +396,16 @@ def test_daemon_journal_output_end_to_end(sim_node, tmp_path):
     assert spy["PRIORITY"] == "4" and spy["TAPIO_CROSS_POD"] == "true"
     assert spy["TAPIO_PROCESS_PID"] == spy["OBJECT_PID"] == str(s_snoop["pid"])
     assert spy["MESSAGE"].startswith(
-        f"python[{s_snoop['pid']}] (dev/snoop) read secret prod/db-credentials key password (cross-pod)")
-    assert spy["MESSAGE_ID"] == MESSAGE_IDS["secret_access"]
-    assert by_reader["prod/db-0"][0]["TAPIO_CROSS_POD"] == "false"
+        f"python[{s_snoop['pid']}] (dev/snoop) read (enforce would deny) secret prod/db-credentials "
+        "key password (cross-pod)")
+    assert (spy["MESSAGE_ID"], spy["TAPIO_POLICY"]) == (POLICY_VIOLATION_MESSAGE_ID, "would_deny")
+    own_rec = by_reader["prod/db-0"][0]
+    assert own_rec["TAPIO_CROSS_POD"] == "false" and own_rec["TAPIO_POLICY"] == "allowed"
+    assert own_rec["MESSAGE_ID"] == MESSAGE_IDS["secret_access"]
+    # `journalctl MESSAGE_ID=` lists the violations, and only them.
+    violations = read_journal(t, [f"MESSAGE_ID={POLICY_VIOLATION_MESSAGE_ID}"])
+    assert {r["TAPIO_ACCESSOR_POD"] for r in violations} == {"dev/snoop"}
+    assert sum(int(r["TAPIO_COUNT"]) for r in violations) == 5
     if len(by_reader["prod/db-0"]) == 2:   # a flushed fold: the pid may be reused by then
         assert "OBJECT_PID" not in by_reader["prod/db-0"][1]
     # A record of N > 1 distinct opens must span distinct first/last kernel times.

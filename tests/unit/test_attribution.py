@@ -94,7 +94,7 @@ def test_a_group_becomes_one_access_event():
                     "pod_uid": None, "namespace": None, "pod_name": None, "role": None},
         "cross_pod": None, "source_kind": None, "source_key": None, "service_account": None,
         "workload": None, "app": None, "syscall": "openat2", "stale_inode": True,
-        "path_truncated": False, "file_truncated": False, "overflow": False}
+        "path_truncated": False, "file_truncated": False, "overflow": False, "policy": None}
     assert type(event) is ev.AccessEvent
 
 
@@ -183,3 +183,29 @@ def test_a_downward_api_key_the_spec_resolved_says_pod_spec():
     event, _ = Attributor(Volumes(vol, key="namespace"), Clock(), podspecs=Specs(meta)).access(access())
     assert (event.config_name, event.config_name_source, event.source_kind) == \
         ("kube-api-access-abcde", "pod_spec", "downwardAPI")
+
+
+@pytest.mark.parametrize("flag,policy,action", [
+    (0, None, None), (wire.F_POLICY_ALLOWED, "allowed", None),
+    (wire.F_POLICY_WOULD_DENY, "would_deny", "audit"), (wire.F_POLICY_DENIED, "denied", "deny")])
+def test_the_kernel_verdict_becomes_the_policy_field_and_its_counter(flag, policy, action):
+    from tapio_node.attribution import count_access
+    from tapio_node.metrics import Metrics
+
+    vols = Volumes(volume())
+    event, vol = Attributor(vols, Clock()).access(access(flags=flag | wire.F_UNLINKED))
+    assert event.policy == policy
+    m = Metrics()
+    count_access(m, event, vol, 3)
+    got = {s.labels["action"]: s.value for f in m.registry.collect()
+           if f.name == "kernel_monitor_policy_violations" for s in f.samples
+           if s.name.endswith("_total")}
+    assert got == ({action: 3.0} if action else {})
+
+
+def test_an_overflow_group_keeps_its_verdict():
+    from tapio_node.attribution import overflow_record
+
+    op = wire.OP_OPENAT2 | wire.F_POLICY_DENIED << 2
+    rec = overflow_record(9, 42, 7, 5, op, 4, 100)
+    assert (rec.op, rec.flags) == (wire.OP_OPENAT2, wire.F_POLICY_DENIED)

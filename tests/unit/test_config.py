@@ -65,6 +65,16 @@ kernel_collector:
     ("max_watched_files: 100000000", "kernel_collector.max_watched_files", "between 16 and"),
     ("syscall_sampling_rate: 8589934592", "kernel_collector.syscall_sampling_rate", "up to 2^31"),
     ("hook_backend: kprobe", "kernel_collector.hook_backend", "auto, lsm, fentry, tracepoint"),
+    ("enforcement: {mode: block}", "kernel_collector.enforcement.mode", "off, audit, enforce"),
+    ("enforcement: {kinds: [secrets]}", "kernel_collector.enforcement.kinds", "configmap, secret, projected"),
+    ("enforcement: {allow_pods: [vault]}", "kernel_collector.enforcement.allow_pods", "namespace/name-glob"),
+    ("enforcement: {allow_pods: ['Mon/x']}", "kernel_collector.enforcement.allow_pods", "namespace/name-glob"),
+    ("enforcement: {allow_host_cgroups: [system.slice/kubelet.service]}",
+     "kernel_collector.enforcement.allow_host_cgroups", "leaf name"),
+    ("enforcement: {allow_host_cgroups: ['']}", "kernel_collector.enforcement.allow_host_cgroups", "leaf name"),
+    ("enforcement: {mode: enforce}\n  hook_backend: fentry", "kernel_collector.enforcement.mode",
+     "needs hook_backend lsm or auto"),
+    ("enforcement: {modes: audit}", "kernel_collector.enforcement.modes", "unknown key"),
 ])
 def test_bad_values_name_the_key(body, key, words):
     with pytest.raises(ConfigError) as info:

@@ -166,6 +166,22 @@ def test_record_fields():
     assert len(set(MESSAGE_IDS.values())) == 3
 
 
+@pytest.mark.parametrize("policy,verb", [("denied", "was denied"),
+                                         ("would_deny", "read (enforce would deny)")])
+def test_a_policy_violation_has_its_own_id_at_warning(policy, verb):
+    from tapio_node.events import POLICY_VIOLATION_MESSAGE_ID
+
+    ev = make_event(event_type="configmap_access", accessor_uid=OTHER_UID)
+    ev.policy = policy
+    f = record_fields(ev, 1, "T", "T", "x")
+    assert (f["MESSAGE_ID"], f["PRIORITY"], f["TAPIO_POLICY"]) == (POLICY_VIOLATION_MESSAGE_ID, "4", policy)
+    assert f" {verb} configmap " in f["MESSAGE"]
+    assert POLICY_VIOLATION_MESSAGE_ID not in MESSAGE_IDS.values()
+    ev.policy = "allowed"
+    f = record_fields(ev, 1, "T", "T", "x")
+    assert (f["MESSAGE_ID"], f["PRIORITY"], f["TAPIO_POLICY"]) == (MESSAGE_IDS["configmap_access"], "6", "allowed")
+
+
 def test_bad_window():
     with pytest.raises(ValueError, match="window"):
         JournalSink(window=-1, socket_path="/nonexistent", stream=io.StringIO())

@@ -27,6 +27,9 @@ MIRRORS = {
     "tapio_access": wire.ACCESS,
     "tapio_access_ext": wire.ACCESS_EXT,
     "tapio_syscall": wire.SYSCALL,
+    "tapio_uid": wire.UID,
+    "tapio_volume_policy": wire.VOLUME_POLICY,
+    "tapio_opener": wire.OPENER,
 }
 # wire constants without a define: pod_name[TAPIO_NAME_LEN * 4], whose
 # size the POD_INFO check below compares with the BTF.

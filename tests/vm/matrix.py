@@ -44,6 +44,7 @@ SUBSETS = {
         "tests/kernel/test_live.py::test_cross_pod_reads",
         "tests/kernel/test_pods.py::test_real_bpf_maps",   # pod correlation
         "tests/kernel/test_api.py",                          # container_pids from the kernel
+        "tests/kernel/test_enforcement.py",                  # audit everywhere, enforce on lsm
     ],
     # The .deb in a Debian 12 root booted with systemd-nspawn, under this kernel.
     "packaging": ["tests/packaging/test_deb.py"],
