@@ -21,6 +21,7 @@ examples:
   tapio-node run --output stdout | jq 'select(.cross_pod)'
   journalctl -u tapio-node TAPIO_CONFIG_NAME=db-credentials -o json
   curl -s 127.0.0.1:9717/metrics | grep kernel_monitor_secret_access_total
+  tapio-node report unused --since 30d
   tapio-node check
   tapio-node demo
 
