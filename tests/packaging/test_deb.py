@@ -468,6 +468,9 @@ echo "SECURITY=$(systemd-analyze security tapio-node.service 2>&1 | tail -n 1)"
 systemctl stop tapio-node; echo "STOP=$?"
 echo "RESULT=$(systemctl show -P Result tapio-node)"
 echo "EXITSTATUS=$(systemctl show -P ExecMainStatus tapio-node)"
+# The access store, written under the unit's sandbox (StateDirectory=).
+echo "STATEMODE=$(stat -c %a /var/lib/tapio-node)"
+echo "REPORT=$(tapio-node report readers --object default/db-credentials --since 1h --format json | tr -d '\n')"
 journalctl -q -u tapio-node --no-pager -o short | sed 's/^/LOG: /'
 echo DONE
 systemctl poweroff
@@ -538,6 +541,10 @@ def check_nspawn(root, timeout_s=300):
            f"nspawn: still active after WatchdogSec, NRestarts={res.get('NRESTARTS')}")
     log(f"nspawn: status text: {res.get('STATUS')}; MemoryCurrent={res.get('MEMORY')}")
     check_exposure("nspawn: systemd-analyze security (booted)", res.get("SECURITY"))
+    expect(res.get("STATEMODE") == "700", f"nspawn: StateDirectory= made /var/lib/tapio-node 0700 [{res.get('STATEMODE')}]")
+    readers = json.loads(res.get("REPORT") or "{}").get("readers") or [{}]
+    expect(any(r.get("command") == "cat" and r.get("kind") == "host" for r in readers[0].get("readers", [])),
+           "nspawn: tapio-node report readers names the host's cat reading db-credentials (the store was written)")
     expect(res.get("STOP") == "0" and res.get("RESULT") == "success",
            f"nspawn: systemctl stop is clean (Result={res.get('RESULT')}, exit {res.get('EXITSTATUS')})")
     Path(root, "etc/systemd/system/multi-user.target.wants/tapio-probe.service").unlink()
@@ -556,6 +563,8 @@ def remove_and_purge(root):
     expect(not Path(root, "usr/bin/tapio-node").exists(), "after remove: /usr/bin/tapio-node gone")
     left = listing(root, VENV)
     expect(left == [], f"after remove: nothing under {VENV} ({left[:5]})")
+    expect(Path(root, "var/lib/tapio-node/access.db").is_file(),
+           "after remove: the access store /var/lib/tapio-node/access.db kept")
     owned = chroot(root, ["dpkg", "-L", "tapio-node"], check=False).stdout.split()
     expect([f for f in owned if f.startswith("/") and not f.startswith("/etc")] == [],
            f"after remove: dpkg -L lists only /etc ({owned})")
@@ -565,6 +574,7 @@ def remove_and_purge(root):
     expect(chroot(root, ["dpkg", "-L", "tapio-node"], check=False).returncode != 0,
            "after purge: dpkg -L has nothing")
     expect(not Path(root, "etc/tapio-node").exists(), "after purge: /etc/tapio-node gone")
+    expect(not Path(root, "var/lib/tapio-node").exists(), "after purge: /var/lib/tapio-node gone")
     expect(not os.path.lexists(Path(root, WANTS.lstrip("/"))), "after purge: enablement link gone")
     expect(listing(root, VENV) == [], f"after purge: nothing under {VENV}")
 
