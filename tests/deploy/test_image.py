@@ -1,0 +1,348 @@
+"""The image `make image` builds, run by podman exactly as the DaemonSet
+runs it, against a simulated node.
+
+Marked slow and kernel; skipped unless TAPIO_TEST_IMAGE=1 or CI=true (a
+skip fails under CI). Needs root, BPF, podman/runc/mmdebstrap/umoci (`make
+deps`) and the Debian mirror (the image's packages).
+
+1. `make image` (or the archive named by TAPIO_IMAGE): the .deb, then the
+   OCI archive; `podman load` into a podman store of this test's own (a
+   temp dir: nothing is left in the machine's store).
+2. The podman flags come from deploy/kubernetes/ as kustomize builds it:
+   hostPID, the capabilities (drop ALL, add the four), seccomp, no new
+   privileges, read-only root, uid 0, every volume mount with its
+   readOnly/mountPropagation, NODE_NAME from the downward API, the args,
+   the memory and CPU limits, the ConfigMap's config.yaml. A pod has its
+   own network namespace: so has the container (--network none), and the
+   probes are the DaemonSet's httpGet, sent from inside that namespace as
+   the kubelet sends them to the pod IP. Host paths that a node has and
+   this machine has not (/var/lib/kubelet/pods, /var/log/pods) are the
+   simulated node's; the config differs from the ConfigMap's only in
+   cgroup_root and pin_path (the simulated node's subtree and pin dir).
+3. `tapio-node check` in the image passes.
+4. The daemon becomes ready; then a pod is added (its Secret volume a new
+   tmpfs, seen only through HostToContainer propagation) and a process in
+   that pod's cgroup and mount namespace reads the key through its
+   in-container path: the event on the container's stdout names the pod,
+   the volume, the file and the reader (pod, container, command).
+5. `podman stop` (SIGTERM) ends it with status 0.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+import yaml
+
+import deploy_manifests as dm
+from tapio_node.sim.node import SimulatedNode, VolumeSpec
+from tapio_node.sim.system import mount, umount
+
+TOP = Path(dm.REPO_ROOT)
+ENABLED = os.environ.get("TAPIO_TEST_IMAGE") == "1" or os.environ.get("CI") == "true"
+TOOLS = ("podman", "runc", "mmdebstrap", "umoci", "nsenter")
+# The DaemonSet's host paths that only a Kubernetes node has.
+NODE_ONLY = ("/var/lib/kubelet/pods", "/var/log/pods")
+MS_BIND, MS_SHARED = 4096, 1 << 20
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.kernel,
+    pytest.mark.skipif(not ENABLED, reason="builds the image (a minute) and runs it under podman; "
+                       "set TAPIO_TEST_IMAGE=1 or CI=true"),
+]
+
+
+def log(msg: str) -> None:
+    print(f"[test_image {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(argv, check=True, **kw):
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.STDOUT)
+    kw.setdefault("text", True)
+    p = subprocess.run(argv, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, argv))} exited {p.returncode}:\n{p.stdout}")
+    return p
+
+
+def build_image() -> Path:
+    if os.environ.get("TAPIO_IMAGE"):
+        return Path(os.environ["TAPIO_IMAGE"]).resolve()
+    t0 = time.monotonic()
+    p = run(["make", "-C", str(TOP), "image"], stderr=subprocess.PIPE)
+    log(f"make image took {time.monotonic() - t0:.0f} s")
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith("image: "), f"make image did not name the archive:\n{p.stdout}"
+    return TOP / last.split()[1]
+
+
+class Podman:
+    """podman with a store, run dir and tmp dir of its own under `base`."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.argv = ["podman", "--root", f"{base}/root", "--runroot", f"{base}/run", "--tmpdir",
+                     f"{base}/tmp", "--storage-driver", "overlay", "--events-backend", "none",
+                     "--cgroup-manager", "cgroupfs",
+                     # crun 1.8 refuses cgroup v1+v2 hybrid hosts with a v2 controller enabled.
+                     "--runtime", "runc"]
+
+    def __call__(self, *args, check=True, **kw):
+        return run([*self.argv, *args], check=check, **kw)
+
+    def close(self):
+        self("rm", "--all", "--force", "--time", "10", check=False)
+        self("system", "reset", "--force", check=False)
+        left = [ln.split()[4] for ln in open("/proc/self/mountinfo")
+                if ln.split()[4].startswith(self.base + "/")]
+        for mp in sorted(left, key=len, reverse=True):
+            umount(mp)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def podman_flags(docs, sources: dict[str, str], config_dir: str, node_name: str) -> tuple[list[str], list[str]]:
+    """(podman run flags, the container's args) for the DaemonSet's collector container.
+
+    sources: host path -> the path to mount instead (this machine is no node)."""
+    spec, c = dm.collector(docs)
+    flags = []
+    if spec.get("hostPID"):
+        flags += ["--pid", "host"]
+    flags += ["--network", "host" if spec.get("hostNetwork") else "none"]
+    sc = c["securityContext"]
+    assert not sc.get("privileged")
+    for cap in sc["capabilities"].get("drop", []):
+        flags += ["--cap-drop", cap.lower()]
+    for cap in sc["capabilities"].get("add", []):
+        flags += ["--cap-add", cap]
+    seccomp = sc.get("seccompProfile", {}).get("type", "Unconfined")
+    flags += ["--security-opt", "seccomp=unconfined" if seccomp == "Unconfined" else "seccomp=default"]
+    if sc.get("allowPrivilegeEscalation") is False:
+        flags += ["--security-opt", "no-new-privileges"]
+    if sc.get("readOnlyRootFilesystem"):
+        flags += ["--read-only", "--read-only-tmpfs=false"]
+    flags += ["--user", f"{sc.get('runAsUser', 0)}:{sc.get('runAsGroup', 0)}"]
+    for e in c.get("env", []):
+        ref = e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        assert ref in (None, "spec.nodeName"), f"env {e['name']}: only spec.nodeName is simulated"
+        flags += ["--env", f"{e['name']}={node_name if ref else e['value']}"]
+    limits = c["resources"]["limits"]
+    assert limits["memory"].endswith("Mi") and limits["cpu"].endswith("m")
+    flags += ["--memory", f"{int(limits['memory'][:-2])}m", "--cpus", f"{int(limits['cpu'][:-1]) / 1000}"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for m in c["volumeMounts"]:
+        v = volumes[m["name"]]
+        opts = ["ro" if m.get("readOnly") else "rw"]
+        prop = m.get("mountPropagation", "None")
+        assert prop in ("None", "HostToContainer"), prop
+        opts.append("rslave" if prop == "HostToContainer" else "rprivate")
+        if "hostPath" in v:
+            src = sources.get(v["hostPath"]["path"], v["hostPath"]["path"])
+            assert os.path.isdir(src), f"hostPath {src} (type {v['hostPath'].get('type')}) missing"
+            flags += ["--volume", f"{src}:{m['mountPath']}:{','.join(opts)}"]
+        elif "configMap" in v:
+            flags += ["--volume", f"{config_dir}:{m['mountPath']}:ro"]
+        elif "emptyDir" in v:
+            size = v["emptyDir"].get("sizeLimit", "16Mi")
+            assert v["emptyDir"].get("medium") == "Memory" and size.endswith("Mi")
+            flags += ["--tmpfs", f"{m['mountPath']}:rw,size={int(size[:-2])}m,mode=1777"]
+        else:
+            raise AssertionError(f"volume {m['name']}: kind not simulated")
+    # The kubelet's runtime sets no rlimits: the container keeps the node's.
+    # podman sets its own defaults (above this machine's hard limits, and
+    # root here lacks CAP_SYS_RESOURCE to raise them), so pass the current
+    # ones; podman itself runs with RLIMIT_NPROC at most 32768.
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
+    nproc = [min(x, 32768) for x in resource.getrlimit(resource.RLIMIT_NPROC)]
+    flags += ["--ulimit", f"nofile={nofile[0]}:{nofile[1]}", "--ulimit", f"nproc={nproc[0]}:{nproc[1]}"]
+    return flags, list(c.get("args", []))
+
+
+def probe(pid: int, docs, probe_name: str, config) -> tuple[int, dict]:
+    """The DaemonSet's httpGet probe, sent from inside the container's network namespace."""
+    _, c = dm.collector(docs)
+    get = c[probe_name]["httpGet"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    url = f"http://127.0.0.1:{ports.get(get['port'], get['port'])}{get['path']}"
+    code = ("import sys, urllib.request, urllib.error\n"
+            "try:\n r = urllib.request.urlopen(sys.argv[1], timeout=5); print(r.status); print(r.read().decode())\n"
+            "except urllib.error.HTTPError as e:\n print(e.code); print(e.read().decode())\n"
+            "except OSError as e:\n print(0); print('{}')\n")
+    p = run(["nsenter", f"--target={pid}", "--net", "--", sys.executable, "-I", "-c", code, url],
+            stderr=subprocess.PIPE)
+    status, _, body = p.stdout.partition("\n")
+    return int(status), json.loads(body or "{}")
+
+
+CAP_NAMES = {2: "DAC_READ_SEARCH", 21: "SYS_ADMIN", 24: "SYS_RESOURCE", 38: "PERFMON", 39: "BPF"}
+
+
+def caps_of(pid: int, field: str) -> set[str]:
+    """The named capabilities of CAP_NAMES in /proc/<pid>/status `field`;
+    any other capability in the set fails (the DaemonSet drops ALL)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            mask = int(line.split()[1], 16)
+            bits = {b for b in range(64) if mask >> b & 1}
+            if field == "CapEff":
+                assert bits <= CAP_NAMES.keys(), f"pid {pid} has capabilities {sorted(bits - CAP_NAMES.keys())}"
+            return {CAP_NAMES[b] for b in bits if b in CAP_NAMES}
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+@pytest.fixture(scope="module")
+def image():
+    if os.geteuid() != 0:
+        pytest.skip("needs root (podman, BPF, a simulated node)")
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    assert not missing, f"not installed: {', '.join(missing)} (make deps)"
+    archive = build_image()
+    log(f"image archive {archive.name}: {archive.stat().st_size / 2**20:.1f} MiB")
+    pm = Podman(tempfile.mkdtemp(prefix="tapio-podman-"))
+    try:
+        out = pm("load", "--input", str(archive)).stdout
+        ref = [ln.split(": ", 1)[1] for ln in out.splitlines() if ln.startswith("Loaded image")][0]
+        size = pm("image", "inspect", "--format", "{{.Size}}", ref).stdout.strip()
+        log(f"loaded {ref}: {int(size) / 2**20:.1f} MiB unpacked")
+        yield pm, ref
+    finally:
+        pm.close()
+
+
+@pytest.fixture
+def node():
+    """A simulated node whose kubelet pods dir is a shared mount, as the
+    kubelet makes it (so new volume mounts propagate into containers)."""
+    n = SimulatedNode(node_name="sim-node-1")
+    try:
+        mount(n.pods_path, n.pods_path, None, MS_BIND)
+        mount(None, n.pods_path, None, MS_SHARED)
+        yield n
+    finally:
+        n.close()  # unmounts the volumes and the bind mount under its dir
+
+
+def container_setup(docs, node, tmp_path):
+    cfg = yaml.safe_load(dm.config_text(docs))
+    cfg["kernel_collector"].update(cgroup_root=node.cgroup_root, pin_path=node.pin_path)
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    (config_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    sources = {"/var/lib/kubelet/pods": node.pods_path, "/var/log/pods": node.logs_path}
+    assert set(sources) == set(NODE_ONLY)
+    return podman_flags(docs, sources, str(config_dir), node.node_name)
+
+
+def test_check_passes_in_the_image(image, node, tmp_path):
+    pm, ref = image
+    docs = dm.build()
+    flags, args = container_setup(docs, node, tmp_path)
+    log("podman run " + " ".join(flags))
+    p = pm("run", "--rm", *flags, ref, "check", "--config", "/etc/tapio-node/config.yaml", check=False)
+    log("tapio-node check in the image:\n" + p.stdout)
+    assert p.returncode == 0, p.stdout
+    assert "tapio-node can run here" in p.stdout
+    assert "✔ capabilities (BPF): CAP_BPF and CAP_PERFMON effective" in p.stdout
+
+
+def test_daemonset_container_reports_a_pod_open(image, node, tmp_path):
+    pm, ref = image
+    docs = dm.build()
+    flags, args = container_setup(docs, node, tmp_path)
+    assert args[:1] == ["run"] and "stdout" in args
+    name = f"tapio-test-{os.getpid()}"
+    stderr_path = tmp_path / "daemon.stderr"
+    with open(stderr_path, "w") as err:
+        proc = subprocess.Popen([*pm.argv, "run", "--rm", "--name", name, *flags, ref, *args],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True)
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True)
+    reader.start()
+    try:
+        # Ready: the readiness probe answers 200 (bounded: 120 s).
+        pid, end, status = None, time.monotonic() + 120, (0, {})
+        while status[0] != 200:
+            assert proc.poll() is None, f"the container exited {proc.returncode}:\n{stderr_path.read_text()}"
+            assert time.monotonic() < end, f"not ready in 120 s ({status}):\n{stderr_path.read_text()}"
+            if pid is None:
+                out = pm("inspect", "--format", "{{.State.Pid}}", name, check=False).stdout.strip()
+                pid = int(out) if out.isdigit() and int(out) > 0 else None
+            if pid is not None:
+                status = probe(pid, docs, "readinessProbe", None)
+            time.sleep(0.5)
+        health = status[1]
+        log(f"ready: /healthz {json.dumps(health)[:300]}")
+        # hostPID: the container's pid is a host pid. Its capabilities are
+        # the DaemonSet's, less what this machine's root itself lacks.
+        _, c = dm.collector(docs)
+        granted = caps_of(pid, "CapEff")
+        wanted = set(c["securityContext"]["capabilities"]["add"])
+        assert granted == wanted & caps_of(os.getpid(), "CapBnd"), (granted, wanted)
+        log(f"capabilities in effect: {', '.join(sorted(granted))}"
+            + (f" (not grantable here: {', '.join(sorted(wanted - granted))})" if wanted - granted else ""))
+        assert probe(pid, docs, "livenessProbe", None)[0] == 200
+
+        # A pod made after the container started: its Secret tmpfs reaches
+        # the container only through HostToContainer propagation.
+        pod = node.add_pod("shop", "db-0", [VolumeSpec("secret", "db-credentials", {"password": b"s3cret"})],
+                           service_account=False)
+        ctr = pod.add_container("postgres")
+        # The daemon learns namespace and pod name from the pod's log dir
+        # (inotify, a moment after the kubelet makes it): read until an event
+        # carries them; every event must name the pod uid, volume and reader.
+        end, event, reads = time.monotonic() + 60, None, 0
+        while event is None:
+            assert time.monotonic() < end, f"no named secret_access event in 60 s:\n{stderr_path.read_text()}"
+            r = ctr.start_reader("/run/secrets/db-credentials/password", count=1, comm="postgres")
+            assert r.wait()["opened"] == 1
+            reads += 1
+            got = None
+            while got is None:
+                assert proc.poll() is None, f"the container exited {proc.returncode}:\n{stderr_path.read_text()}"
+                assert time.monotonic() < end, f"no secret_access event in 60 s:\n{stderr_path.read_text()}"
+                try:
+                    line = lines.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                e = json.loads(line)  # stdout carries JSON lines only
+                # (The simulated kubelet's own writes of the volume are events too.)
+                if e.get("event_type") == "secret_access" and e["process"].get("pid") == r.pid:
+                    got = e
+            assert (got["pod_uid"], got["volume_name"], got["file"]) == (pod.uid, "db-credentials", "password")
+            assert (got["process"]["pod_uid"], got["process"]["container_id"], got["process"]["command"]) == (
+                pod.uid, ctr.id, "postgres")
+            if got["namespace"] is not None:
+                event = got
+        log(f"{reads} read(s) until the event named the pod")
+        log(f"event: {json.dumps(event)[:400]}")
+        assert (event["namespace"], event["pod_name"], event["volume_name"], event["file"]) == (
+            "shop", "db-0", "db-credentials", "password")
+        p = event["process"]
+        assert (p["pod_uid"], p["namespace"], p["pod_name"], p["container_id"], p["command"]) == (
+            pod.uid, "shop", "db-0", ctr.id, "postgres")
+        assert event["cross_pod"] is False
+        assert event["path"] == "/run/secrets/db-credentials/password"
+    finally:
+        stop = pm("stop", "--time", "20", name, check=False)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # by pid: the podman client; `pm.close()` removes the container
+            proc.wait()
+        reader.join(timeout=5)
+    log(f"podman stop: {stop.stdout.strip()}; container exit {proc.returncode}")
+    log("daemon stderr (tail):\n" + "\n".join(stderr_path.read_text().splitlines()[-8:]))
+    assert proc.returncode == 0, f"exit {proc.returncode} on SIGTERM:\n{stderr_path.read_text()}"
