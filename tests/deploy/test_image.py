@@ -47,9 +47,13 @@ import yaml
 
 import deploy_manifests as dm
 from tapio_node.sim.node import SimulatedNode, VolumeSpec
-from tapio_node.sim.system import mount, umount
+from tapio_node.sim.system import mount
 
 TOP = Path(dm.REPO_ROOT)
+# The .deb install test's helpers: run a command (raise with its output),
+# remove a tree unless something is still mounted in it.
+sys.path.insert(0, str(TOP / "tests" / "packaging"))
+from test_deb import mounts_under, remove_tree, run  # noqa: E402
 ENABLED = os.environ.get("TAPIO_TEST_IMAGE") == "1" or os.environ.get("CI") == "true"
 TOOLS = ("podman", "runc", "mmdebstrap", "umoci", "nsenter")
 # The DaemonSet's host paths that only a Kubernetes node has.
@@ -66,16 +70,6 @@ pytestmark = [
 
 def log(msg: str) -> None:
     print(f"[test_image {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def run(argv, check=True, **kw):
-    kw.setdefault("stdout", subprocess.PIPE)
-    kw.setdefault("stderr", subprocess.STDOUT)
-    kw.setdefault("text", True)
-    p = subprocess.run(argv, **kw)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, argv))} exited {p.returncode}:\n{p.stdout}")
-    return p
 
 
 def build_image() -> Path:
@@ -105,12 +99,11 @@ class Podman:
 
     def close(self):
         self("rm", "--all", "--force", "--time", "10", check=False)
+        # Unmounts the store's overlays too; then nothing may be mounted there.
         self("system", "reset", "--force", check=False)
-        left = [ln.split()[4] for ln in open("/proc/self/mountinfo")
-                if ln.split()[4].startswith(self.base + "/")]
-        for mp in sorted(left, key=len, reverse=True):
-            umount(mp)
-        shutil.rmtree(self.base, ignore_errors=True)
+        for mp in sorted(mounts_under(self.base), key=len, reverse=True):
+            run(["umount", mp], check=False)
+        remove_tree(self.base)
 
 
 def podman_flags(docs, sources: dict[str, str], config_dir: str, node_name: str) -> tuple[list[str], list[str]]:
