@@ -78,9 +78,9 @@ def build_image() -> Path:
     t0 = time.monotonic()
     p = run(["make", "-C", str(TOP), "image"], stderr=subprocess.PIPE)
     log(f"make image took {time.monotonic() - t0:.0f} s")
-    last = p.stdout.strip().splitlines()[-1]
-    assert last.startswith("image: "), f"make image did not name the archive:\n{p.stdout}"
-    return TOP / last.split()[1]
+    named = [ln.split()[1] for ln in p.stdout.splitlines() if ln.startswith("image: ")]
+    assert named, f"make image did not name the archive:\n{p.stdout}"
+    return TOP / named[-1]
 
 
 class Podman:
