@@ -116,6 +116,7 @@ def test_probes_reach_the_configured_listener(docs):
         assert ports.get(get["port"], get["port"]) == port
     # In-cluster config: no kubeconfig, the node name from the downward API.
     assert cfg.kubeconfig is None and cfg.node_name is None
+    assert cfg.enforcement.mode == "off"
 
 
 def test_rbac_grants_only_reading_pods(docs):
