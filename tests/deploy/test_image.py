@@ -12,23 +12,32 @@ deps`) and the Debian mirror (the image's packages).
    hostPID, the capabilities (drop ALL, add the four), seccomp, no new
    privileges, read-only root, uid 0, every volume mount with its
    readOnly/mountPropagation, NODE_NAME from the downward API, the args,
-   the memory and CPU limits, the ConfigMap's config.yaml. A pod has its
-   own network namespace: so has the container (--network none), and the
-   probes are the DaemonSet's httpGet, sent from inside that namespace as
-   the kubelet sends them to the pod IP. Host paths that a node has and
-   this machine has not (/var/lib/kubelet/pods, /var/log/pods) are the
-   simulated node's; the config differs from the ConfigMap's only in
-   cgroup_root and pin_path (the simulated node's subtree and pin dir).
+   the memory and CPU limits, the ConfigMap's config.yaml. Host paths that
+   a node has and this machine has not (/var/lib/kubelet/pods,
+   /var/log/pods) are the simulated node's; the config differs from the
+   ConfigMap's only in cgroup_root and pin_path (the simulated node's
+   subtree and pin dir).
 3. `tapio-node check` in the image passes.
-4. The daemon becomes ready; then a pod is added (its Secret volume a new
-   tmpfs, seen only through HostToContainer propagation) and a process in
-   that pod's cgroup and mount namespace reads the key through its
-   in-container path: the event on the container's stdout names the pod,
-   the volume, the file and the reader (pod, container, command).
-5. `podman stop` (SIGTERM) ends it with status 0.
+4. The daemon runs in a pod network namespace of its own (held by a
+   sleeping process, as the pause container holds a pod's), where the
+   pods API (tests/integration/kube_api_server.py, HTTPS, bearer token)
+   listens on 127.0.0.1; the container gets what the kubelet adds to a
+   pod: the service-account dir (token, ca.crt, namespace) and
+   KUBERNETES_SERVICE_HOST/PORT, so the pod specs come through the
+   in-cluster config. The DaemonSet's httpGet probes are sent inside that
+   namespace, as the kubelet sends them to the pod IP.
+5. It becomes ready; then a pod is added (its Secret volume a new tmpfs,
+   seen only through HostToContainer propagation) and put in the API, and
+   a process in that pod's cgroup and mount namespace reads the key
+   through its in-container path: the event on the container's stdout
+   names the pod, the volume, the Secret (from the pod spec), the file and
+   the reader (pod, container, command), with only the DaemonSet's
+   capabilities in effect.
+6. `podman stop` (SIGTERM) ends it with status 0.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import queue
@@ -39,7 +48,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -54,11 +62,16 @@ TOP = Path(dm.REPO_ROOT)
 # remove a tree unless something is still mounted in it.
 sys.path.insert(0, str(TOP / "tests" / "packaging"))
 from test_deb import mounts_under, remove_tree, run  # noqa: E402
+# The HTTPS pods API the pod-spec tests use.
+sys.path.insert(0, str(TOP / "tests" / "integration"))
+from kube_api_server import KubeAPIServer, TestPKI  # noqa: E402
 ENABLED = os.environ.get("TAPIO_TEST_IMAGE") == "1" or os.environ.get("CI") == "true"
 TOOLS = ("podman", "runc", "mmdebstrap", "umoci", "nsenter")
 # The DaemonSet's host paths that only a Kubernetes node has.
 NODE_ONLY = ("/var/lib/kubelet/pods", "/var/log/pods")
 MS_BIND, MS_SHARED = 4096, 1 << 20
+CLONE_NEWNET = 0x40000000
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 pytestmark = [
     pytest.mark.slow,
@@ -106,15 +119,17 @@ class Podman:
         remove_tree(self.base)
 
 
-def podman_flags(docs, sources: dict[str, str], config_dir: str, node_name: str) -> tuple[list[str], list[str]]:
+def podman_flags(docs, sources: dict[str, str], config_dir: str, node_name: str,
+                 netns: str = "none") -> tuple[list[str], list[str]]:
     """(podman run flags, the container's args) for the DaemonSet's collector container.
 
-    sources: host path -> the path to mount instead (this machine is no node)."""
+    sources: host path -> the path to mount instead (this machine is no node);
+    netns: the pod's network namespace (podman --network: none, ns:PATH)."""
     spec, c = dm.collector(docs)
     flags = []
     if spec.get("hostPID"):
         flags += ["--pid", "host"]
-    flags += ["--network", "host" if spec.get("hostNetwork") else "none"]
+    flags += ["--network", "host" if spec.get("hostNetwork") else netns]
     sc = c["securityContext"]
     assert not sc.get("privileged")
     for cap in sc["capabilities"].get("drop", []):
@@ -164,7 +179,7 @@ def podman_flags(docs, sources: dict[str, str], config_dir: str, node_name: str)
     return flags, list(c.get("args", []))
 
 
-def probe(pid: int, docs, probe_name: str, config) -> tuple[int, dict]:
+def probe(pid: int, docs, probe_name: str) -> tuple[int, dict]:
     """The DaemonSet's httpGet probe, sent from inside the container's network namespace."""
     _, c = dm.collector(docs)
     get = c[probe_name]["httpGet"]
@@ -178,6 +193,45 @@ def probe(pid: int, docs, probe_name: str, config) -> tuple[int, dict]:
             stderr=subprocess.PIPE)
     status, _, body = p.stdout.partition("\n")
     return int(status), json.loads(body or "{}")
+
+
+class PodNetwork:
+    """A pod's network namespace with lo up, held by a sleeping process (the
+    pause container's part), for the container and the API server to share."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen(["unshare", "--net", "--", "sh", "-ec",
+                                      "ip link set lo up; exec sleep infinity"])
+        end = time.monotonic() + 30
+        # exec'd into sleep: lo is up.
+        while not os.path.realpath(f"/proc/{self.proc.pid}/exe").endswith("/sleep"):
+            assert self.proc.poll() is None, f"unshare --net exited {self.proc.returncode}"
+            assert time.monotonic() < end, "the pod network namespace did not come up in 30 s"
+            time.sleep(0.05)
+        self.path = f"/proc/{self.proc.pid}/ns/net"
+
+    def call(self, fn):
+        """fn() with this thread in the namespace (sockets it makes stay there)."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            target = os.open(self.path, os.O_RDONLY)
+            try:
+                if libc.setns(target, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns {self.path}")
+            finally:
+                os.close(target)
+            try:
+                return fn()
+            finally:
+                if libc.setns(own, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns back to the test's network namespace")
+        finally:
+            os.close(own)
+
+    def close(self):
+        self.proc.kill()  # by pid
+        self.proc.wait()
 
 
 CAP_NAMES = {2: "DAC_READ_SEARCH", 21: "SYS_ADMIN", 24: "SYS_RESOURCE", 38: "PERFMON", 39: "BPF"}
@@ -228,7 +282,7 @@ def node():
         n.close()  # unmounts the volumes and the bind mount under its dir
 
 
-def container_setup(docs, node, tmp_path):
+def container_setup(docs, node, tmp_path, netns="none"):
     cfg = yaml.safe_load(dm.config_text(docs))
     cfg["kernel_collector"].update(cgroup_root=node.cgroup_root, pin_path=node.pin_path)
     config_dir = tmp_path / "config"
@@ -236,7 +290,7 @@ def container_setup(docs, node, tmp_path):
     (config_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     sources = {"/var/lib/kubelet/pods": node.pods_path, "/var/log/pods": node.logs_path}
     assert set(sources) == set(NODE_ONLY)
-    return podman_flags(docs, sources, str(config_dir), node.node_name)
+    return podman_flags(docs, sources, str(config_dir), node.node_name, netns)
 
 
 def test_check_passes_in_the_image(image, node, tmp_path):
@@ -251,10 +305,44 @@ def test_check_passes_in_the_image(image, node, tmp_path):
     assert "✔ capabilities (BPF): CAP_BPF and CAP_PERFMON effective" in p.stdout
 
 
-def test_daemonset_container_reports_a_pod_open(image, node, tmp_path):
+@pytest.fixture
+def pod_network():
+    net = PodNetwork()
+    try:
+        yield net
+    finally:
+        net.close()
+
+
+@pytest.fixture
+def api(pod_network, tmp_path):
+    """The pods API on 127.0.0.1 of the pod's network namespace (where the
+    Service's cluster IP would lead), and the service-account dir the
+    kubelet mounts for the DaemonSet's ServiceAccount (its token accepted)."""
+    pki = TestPKI(str(tmp_path / "pki"))
+    srv = pod_network.call(lambda: KubeAPIServer(pki, tokens={"tapio-node-sa-token"}).start())
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    (sa / "token").write_text("tapio-node-sa-token")
+    (sa / "namespace").write_text(dm.one(dm.build(), "ServiceAccount")["metadata"]["namespace"])
+    shutil.copy(pki.ca, sa / "ca.crt")
+    try:
+        yield srv, str(sa)
+    finally:
+        srv.stop()
+
+
+def test_daemonset_container_reports_a_pod_open(image, node, pod_network, api, tmp_path):
     pm, ref = image
+    srv, sa_dir = api
     docs = dm.build()
-    flags, args = container_setup(docs, node, tmp_path)
+    spec, _ = dm.collector(docs)
+    assert spec.get("automountServiceAccountToken", True)
+    flags, args = container_setup(docs, node, tmp_path, netns=f"ns:{pod_network.path}")
+    # What the kubelet adds to every pod: the service-account volume and the
+    # API Service's address.
+    flags += ["--volume", f"{sa_dir}:{SA_DIR}:ro", "--env", "KUBERNETES_SERVICE_HOST=127.0.0.1",
+              "--env", f"KUBERNETES_SERVICE_PORT={srv.port}"]
     assert args[:1] == ["run"] and "stdout" in args
     name = f"tapio-test-{os.getpid()}"
     stderr_path = tmp_path / "daemon.stderr"
@@ -274,10 +362,11 @@ def test_daemonset_container_reports_a_pod_open(image, node, tmp_path):
                 out = pm("inspect", "--format", "{{.State.Pid}}", name, check=False).stdout.strip()
                 pid = int(out) if out.isdigit() and int(out) > 0 else None
             if pid is not None:
-                status = probe(pid, docs, "readinessProbe", None)
+                status = probe(pid, docs, "readinessProbe")
             time.sleep(0.5)
         health = status[1]
         log(f"ready: /healthz {json.dumps(health)[:300]}")
+        assert probe(pid, docs, "livenessProbe")[0] == 200
         # hostPID: the container's pid is a host pid. Its capabilities are
         # the DaemonSet's, less what this machine's root itself lacks.
         _, c = dm.collector(docs)
@@ -286,19 +375,22 @@ def test_daemonset_container_reports_a_pod_open(image, node, tmp_path):
         assert granted == wanted & caps_of(os.getpid(), "CapBnd"), (granted, wanted)
         log(f"capabilities in effect: {', '.join(sorted(granted))}"
             + (f" (not grantable here: {', '.join(sorted(wanted - granted))})" if wanted - granted else ""))
-        assert probe(pid, docs, "livenessProbe", None)[0] == 200
 
         # A pod made after the container started: its Secret tmpfs reaches
-        # the container only through HostToContainer propagation.
-        pod = node.add_pod("shop", "db-0", [VolumeSpec("secret", "db-credentials", {"password": b"s3cret"})],
+        # the container only through HostToContainer propagation. The
+        # Secret object's name is only in the pod spec, from the API.
+        pod = node.add_pod("shop", "db-0", [VolumeSpec("secret", "db-credentials", {"password": b"s3cret"},
+                                                       source_name="postgres-prod-credentials")],
                            service_account=False)
         ctr = pod.add_container("postgres")
-        # The daemon learns namespace and pod name from the pod's log dir
-        # (inotify, a moment after the kubelet makes it): read until an event
-        # carries them; every event must name the pod uid, volume and reader.
+        srv.put_pod(pod.manifest())
+        # Names arrive asynchronously (namespace and pod name from the pod's
+        # log dir, by inotify; the Secret's name from the API watch): read
+        # until an event carries them. Every event names the pod uid, the
+        # volume, the file and the reader.
         end, event, reads = time.monotonic() + 60, None, 0
         while event is None:
-            assert time.monotonic() < end, f"no named secret_access event in 60 s:\n{stderr_path.read_text()}"
+            assert time.monotonic() < end, f"no fully named secret_access event in 60 s:\n{stderr_path.read_text()}"
             r = ctr.start_reader("/run/secrets/db-credentials/password", count=1, comm="postgres")
             assert r.wait()["opened"] == 1
             reads += 1
@@ -317,17 +409,21 @@ def test_daemonset_container_reports_a_pod_open(image, node, tmp_path):
             assert (got["pod_uid"], got["volume_name"], got["file"]) == (pod.uid, "db-credentials", "password")
             assert (got["process"]["pod_uid"], got["process"]["container_id"], got["process"]["command"]) == (
                 pod.uid, ctr.id, "postgres")
-            if got["namespace"] is not None:
+            if got["namespace"] is not None and got["config_name_source"] == "pod_spec":
                 event = got
-        log(f"{reads} read(s) until the event named the pod")
+            else:
+                time.sleep(0.2)
+        log(f"{reads} read(s) until the event named the pod and the Secret")
         log(f"event: {json.dumps(event)[:400]}")
-        assert (event["namespace"], event["pod_name"], event["volume_name"], event["file"]) == (
-            "shop", "db-0", "db-credentials", "password")
+        assert (event["namespace"], event["pod_name"], event["config_name"], event["file"]) == (
+            "shop", "db-0", "postgres-prod-credentials", "password")
         p = event["process"]
-        assert (p["pod_uid"], p["namespace"], p["pod_name"], p["container_id"], p["command"]) == (
-            pod.uid, "shop", "db-0", ctr.id, "postgres")
+        assert (p["namespace"], p["pod_name"]) == ("shop", "db-0")
         assert event["cross_pod"] is False
         assert event["path"] == "/run/secrets/db-credentials/password"
+        # In-cluster config: the daemon listed and watched this node's pods with the token.
+        assert any(req["params"].get("fieldSelector") == f"spec.nodeName={node.node_name}"
+                   and req["user"] == "token" and req["watch"] for req in srv.requests), srv.requests[:3]
     finally:
         stop = pm("stop", "--time", "20", name, check=False)
         try:
