@@ -169,14 +169,17 @@ def podman_flags(docs, sources: dict[str, str], config_dir: str, node_name: str,
             flags += ["--tmpfs", f"{m['mountPath']}:rw,size={int(size[:-2])}m,mode=1777"]
         else:
             raise AssertionError(f"volume {m['name']}: kind not simulated")
-    # The kubelet's runtime sets no rlimits: the container keeps the node's.
-    # podman sets its own defaults (above this machine's hard limits, and
-    # root here lacks CAP_SYS_RESOURCE to raise them), so pass the current
-    # ones; podman itself runs with RLIMIT_NPROC at most 32768.
+    return flags + ulimits(), list(c.get("args", []))
+
+
+def ulimits() -> list[str]:
+    """The kubelet's runtime sets no rlimits: a container keeps the node's.
+    podman sets its own defaults (above this machine's hard limits, which
+    root here lacks CAP_SYS_RESOURCE to raise), so pass the current ones;
+    podman itself runs with RLIMIT_NPROC at most 32768."""
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
     nproc = [min(x, 32768) for x in resource.getrlimit(resource.RLIMIT_NPROC)]
-    flags += ["--ulimit", f"nofile={nofile[0]}:{nofile[1]}", "--ulimit", f"nproc={nproc[0]}:{nproc[1]}"]
-    return flags, list(c.get("args", []))
+    return ["--ulimit", f"nofile={nofile[0]}:{nofile[1]}", "--ulimit", f"nproc={nproc[0]}:{nproc[1]}"]
 
 
 def probe(pid: int, docs, probe_name: str) -> tuple[int, dict]:
@@ -267,6 +270,27 @@ def image():
         yield pm, ref
     finally:
         pm.close()
+
+
+# `make image` keeps the image small: Debian's Essential set, python3 and
+# the .deb's venv is about 100 MiB unpacked.
+MAX_UNPACKED_MIB = 128
+
+
+def test_image_defaults_to_container_mode(image):
+    pm, ref = image
+    cfg = json.loads(pm("image", "inspect", "--format", "{{json .Config}}", ref).stdout)
+    assert cfg["Entrypoint"] == ["/usr/bin/tapio-node"]
+    assert cfg["Cmd"] == ["run", "--config", "/etc/tapio-node/config.yaml", "--output", "stdout"]
+    assert cfg.get("User") == "0:0"
+    assert not any(e.startswith(("NOTIFY_SOCKET=", "JOURNAL_STREAM=")) for e in cfg.get("Env", []))
+    size = int(pm("image", "inspect", "--format", "{{.Size}}", ref).stdout)
+    assert size <= MAX_UNPACKED_MIB * 2**20, f"image is {size / 2**20:.0f} MiB unpacked"
+    # No journald, no systemd in it: container mode is the only mode that works.
+    p = pm("run", "--rm", "--network", "none", *ulimits(), "--entrypoint", "/bin/sh", ref, "-c",
+           "test ! -e /lib/systemd/systemd && test ! -e /lib/systemd/systemd-journald && "
+           "/usr/bin/tapio-node --version", check=False)
+    assert p.returncode == 0 and p.stdout.startswith("tapio-node "), p.stdout
 
 
 @pytest.fixture
