@@ -89,6 +89,7 @@ deb: deps
 # made from the .deb on a Debian 12 root by mmdebstrap and umoci, no base
 # image pulled (deploy/image/build.sh). Load it with
 # `podman load -i $(IMAGE)` or `skopeo copy oci-archive:$(IMAGE) docker://...`.
+# IMAGE_REF= is the name:tag recorded in it (remove the archive to rename).
 VERSION   := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
 ARCH      := $(shell dpkg --print-architecture)
 IMAGE_REF ?= tapio-node:$(VERSION)
