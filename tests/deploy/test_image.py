@@ -138,6 +138,8 @@ def podman_flags(docs, sources: dict[str, str], config_dir: str, node_name: str,
         flags += ["--cap-add", cap]
     seccomp = sc.get("seccompProfile", {}).get("type", "Unconfined")
     flags += ["--security-opt", "seccomp=unconfined" if seccomp == "Unconfined" else "seccomp=default"]
+    if sc.get("appArmorProfile", {}).get("type") == "Unconfined":
+        flags += ["--security-opt", "apparmor=unconfined"]
     if sc.get("allowPrivilegeEscalation") is False:
         flags += ["--security-opt", "no-new-privileges"]
     if sc.get("readOnlyRootFilesystem"):

@@ -15,9 +15,9 @@ import yaml
 import deploy_manifests as dm
 from tapio_node.config import parse_config, split_listen_address
 
-# The oldest Kubernetes the manifests claim (BPF/PERFMON need containerd or
-# CRI-O that know them, kernel >= 5.8) and the newest schema shipped.
-VERSIONS = ["1.27.0", kv.latest_version()]
+# The oldest Kubernetes the manifests claim (securityContext.appArmorProfile)
+# and the newest schema shipped.
+VERSIONS = ["1.30.0", kv.latest_version()]
 # Kinds of CRDs, not in the API schemas: checked by hand below.
 CRD_KINDS = {"ServiceMonitor", "PodMonitor"}
 
