@@ -37,8 +37,10 @@ trap 'rm -rf "$WORK"' EXIT INT TERM
 
 # The merged-usr hook makes the root merged-/usr and installs usr-is-merged
 # first: without it apt satisfies init-system-helpers' "usrmerge |
-# usr-is-merged" with usrmerge, which pulls in all of perl (50 MB). Docs, man pages, locales and glibc's
-# iconv modules (Python has its own codecs) are left out; copyrights kept.
+# usr-is-merged" with usrmerge, which pulls in all of perl (50 MB). Docs,
+# man pages, locales and glibc's iconv modules (Python has its own codecs)
+# are left out; copyrights kept. The Debian mirror is the only thing
+# fetched (no container registry).
 mmdebstrap --variant=essential --mode=root --quiet \
     --include="$DEPENDS" \
     --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
