@@ -12,8 +12,8 @@
 #
 #   deploy/image/build.sh DEB OUT.tar REF
 # REF is the image's name:tag (org.opencontainers.image.ref.name), e.g.
-# tapio-node:0.1.0. MIRROR= picks the Debian mirror (default mmdebstrap's:
-# deb.debian.org plus bookworm-updates and bookworm-security).
+# tapio-node:0.1.0. MIRROR= picks the Debian mirror (default: mmdebstrap's
+# own Debian mirror, plus bookworm-updates and bookworm-security).
 set -eu
 
 [ $# -eq 3 ] || { echo "usage: $0 DEB OUT.tar NAME:TAG" >&2; exit 2; }
