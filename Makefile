@@ -8,11 +8,12 @@ VPY       := $(VENV)/bin/python
 APT_PKGS  := clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev pkg-config \
              libsystemd-dev python3-venv python3-dev gcc make util-linux \
              iproute2 systemd procps prometheus liburing-dev \
-             qemu-system-x86 udev kmod busybox-static
+             qemu-system-x86 udev kmod busybox-static \
+             mmdebstrap umoci podman runc
 PY_DEPS   := setuptools wheel cython msgspec pyyaml prometheus-client inotify-simple \
-             systemd-python pytest lightkube virtme-ng
+             systemd-python pytest lightkube virtme-ng kubernetes-validate
 
-.PHONY: all deps venv build bpf verify test test-fast vmtest vmbench demo bench deb clean mounts
+.PHONY: all deps venv build bpf verify test test-fast vmtest vmbench demo bench deb image clean mounts
 
 all: build
 
@@ -83,6 +84,24 @@ bench: build mounts
 
 deb: deps
 	$(MAKE) -C packaging deb
+
+# The container image (deploy/kubernetes/ runs it): an OCI image archive
+# made from the .deb on a Debian 12 root by mmdebstrap and umoci, no base
+# image pulled (deploy/image/build.sh). Load it with
+# `podman load -i $(IMAGE)` or `skopeo copy oci-archive:$(IMAGE) docker://...`.
+# IMAGE_REF= is the name:tag recorded in it (remove the archive to rename).
+VERSION   := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
+ARCH      := $(shell dpkg --print-architecture)
+IMAGE_REF ?= tapio-node:$(VERSION)
+IMAGE     := build/image/tapio-node_$(VERSION)_$(ARCH).oci.tar
+DEB       := packaging/build/tapio-node_$(VERSION)_$(ARCH).deb
+image: deps
+	$(MAKE) -C packaging deb
+	$(MAKE) --no-print-directory $(IMAGE)
+	@echo "image: $(IMAGE) $(IMAGE_REF)"
+
+$(IMAGE): $(DEB) deploy/image/build.sh
+	deploy/image/build.sh $(DEB) $@ $(IMAGE_REF)
 
 clean:
 	rm -rf build $(VENV) *.egg-info tapio_node/*.so tapio_node/kernel/obj _fast/*.c

@@ -105,6 +105,19 @@ def _explain(err: msgspec.ValidationError) -> tuple[str, str]:
     return where or "(top level)", problem[0].lower() + problem[1:]
 
 
+def _unyaml_mode(kc, source: str | None) -> None:
+    """YAML 1.1 reads a bare `off` as false: `mode: off` means off."""
+    en = kc.get("enforcement") if isinstance(kc, dict) else None
+    if not isinstance(en, dict) or not isinstance(en.get("mode"), bool):
+        return
+    if en["mode"] is False:
+        en["mode"] = "off"
+    else:
+        raise ConfigError("kernel_collector.enforcement.mode",
+                          f"must be one of {', '.join(ENFORCEMENT_MODES)} (a bare on, yes or true "
+                          "is YAML for true)", source)
+
+
 def parse_config(text: str, source: str | None = None) -> Config:
     try:
         raw = yaml.safe_load(text)
@@ -118,6 +131,7 @@ def parse_config(text: str, source: str | None = None) -> Config:
         raise ConfigError("(top level)", "expected a mapping with a `kernel_collector:` key", source)
     if raw.get("kernel_collector") is None:
         raw["kernel_collector"] = {}
+    _unyaml_mode(raw["kernel_collector"], source)
     try:
         cfg = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:

@@ -248,6 +248,7 @@ class Daemon:
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
+        host.release_free_memory()
         self.ready = True
         self._set_status()
         self.notifier.ready(self.status_text)

@@ -253,3 +253,14 @@ def is_real_dir(path: str) -> bool:
         return stat_is_dir(os.stat(path, follow_symlinks=False))
     except OSError:
         return False
+
+
+def release_free_memory() -> None:
+    """Give the start-up scan's freed heap back to the kernel (glibc keeps
+    it otherwise, and it counts in RSS for the daemon's whole life)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass   # not glibc

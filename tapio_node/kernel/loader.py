@@ -117,6 +117,10 @@ class Kernel:
         except BaseException:
             self.close()
             raise
+        finally:
+            # The kernel's BTF (~8 MB read into memory) was needed to choose
+            # the programs and backend only: a long-running daemon keeps none of it.
+            compat.Btf.load.cache_clear()
 
     def _start_hook(self, hooks: list[str], load: tuple) -> None:
         """Load once with the hook program of every candidate, keep the

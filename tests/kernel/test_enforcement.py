@@ -187,3 +187,29 @@ def test_enforcement_outlives_a_crash_and_ends_with_sigterm(sim_node, daemon_fac
     assert not os.path.exists(pin)
     after = scene.snoop_read()
     assert after["opened"] == 1 and after["failed"] == 0, after
+
+
+def test_cgroupfs_driver_pods_are_told_apart_too(sim_node_factory, daemon_factory):
+    """kubepods/<qos>/pod<uid>: the cgroupfs driver's names, '-' kept."""
+    node = sim_node_factory(driver="cgroupfs")
+    scene = Scene(node)
+    d = daemon_factory(_config(node, "audit"))
+    own, snoop = scene.own_read(), scene.snoop_read()
+    got = _events_of(d, [own, snoop])
+    assert (got[own["pid"]]["policy"], got[snoop["pid"]]["policy"]) == ("allowed", "would_deny")
+
+
+def test_a_nested_cgroup_named_after_the_owner_does_not_pass_for_it(sim_node, daemon_factory):
+    """A tenant may make cgroups below its container and name one like the
+    victim's pod slice: the topmost pod cgroup above the opener is its pod."""
+    scene = Scene(sim_node)
+    d = daemon_factory(_config(sim_node, "audit"))
+    fake = f"kubepods-besteffort-pod{scene.victim.uid.replace('-', '_')}.slice"
+    container_dir = scene.snoop.cgroup_dir
+    os.mkdir(os.path.join(container_dir, fake))
+    scene.snoop.cgroup_dir = os.path.join(container_dir, fake)
+    try:
+        forged = scene.snoop_read()
+    finally:
+        scene.snoop.cgroup_dir = container_dir
+    assert _events_of(d, [forged])[forged["pid"]]["policy"] == "would_deny"

@@ -75,6 +75,7 @@ kernel_collector:
     ("enforcement: {mode: enforce}\n  hook_backend: fentry", "kernel_collector.enforcement.mode",
      "needs hook_backend lsm or auto"),
     ("enforcement: {modes: audit}", "kernel_collector.enforcement.modes", "unknown key"),
+    ("enforcement: {mode: on}", "kernel_collector.enforcement.mode", "YAML for true"),
 ])
 def test_bad_values_name_the_key(body, key, words):
     with pytest.raises(ConfigError) as info:
@@ -125,3 +126,9 @@ def test_constructed_defaults_are_the_parsed_defaults_and_valid():
     kc = KernelCollector()
     assert kc == parse_config("").kernel_collector
     validate(kc, None)
+
+
+def test_a_bare_off_is_the_off_mode():
+    # YAML 1.1 reads `off` as false; users write it bare, as the docs do.
+    for body in ("enforcement: {mode: off}", "enforcement: {mode: 'off'}", "enforcement: {mode: false}"):
+        assert parse_config(f"kernel_collector:\n  {body}\n").kernel_collector.enforcement.mode == "off"

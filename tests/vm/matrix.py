@@ -74,7 +74,7 @@ VARIANTS = {"lsm": {"append": LSM_APPEND, "backend": "lsm"},
 VARIANT_SUBSETS = ("matrix", "kernel", "custom")
 # The backend auto picks on each plain VM row: 5.10 has no bpf_task_pt_regs;
 # the others boot with bpf among their LSMs (CONFIG_LSM).
-PLAIN_BACKEND = {"5.10": "tracepoint", "6.1": "lsm", "6.12": "lsm"}
+PLAIN_BACKEND = {"5.10": "tracepoint", "6.1": "lsm", "6.12": "lsm", "7.2": "lsm"}
 
 
 def split_row(row: str) -> tuple[str, str | None]:
