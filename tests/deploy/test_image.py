@@ -68,7 +68,7 @@ from kube_api_server import KubeAPIServer, TestPKI  # noqa: E402
 ENABLED = os.environ.get("TAPIO_TEST_IMAGE") == "1" or os.environ.get("CI") == "true"
 TOOLS = ("podman", "runc", "mmdebstrap", "umoci", "nsenter")
 # The DaemonSet's host paths that only a Kubernetes node has.
-NODE_ONLY = ("/var/lib/kubelet/pods", "/var/log/pods")
+NODE_ONLY = ("/var/lib/kubelet/pods", "/var/log/pods", "/var/lib/tapio-node")
 MS_BIND, MS_SHARED = 4096, 1 << 20
 CLONE_NEWNET = 0x40000000
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -314,7 +314,10 @@ def container_setup(docs, node, tmp_path, netns="none"):
     config_dir = tmp_path / "config"
     config_dir.mkdir()
     (config_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    sources = {"/var/lib/kubelet/pods": node.pods_path, "/var/log/pods": node.logs_path}
+    state = tmp_path / "state"   # the access store's hostPath (DirectoryOrCreate)
+    state.mkdir(mode=0o700)
+    sources = {"/var/lib/kubelet/pods": node.pods_path, "/var/log/pods": node.logs_path,
+               "/var/lib/tapio-node": str(state)}
     assert set(sources) == set(NODE_ONLY)
     return podman_flags(docs, sources, str(config_dir), node.node_name, netns)
 
