@@ -160,7 +160,12 @@ def test_enforce_denies_other_pods_and_hosts(sim_node, daemon_factory):
 
     # A pod made now reads its own secret at once: the kernel compares its
     # cgroup with the volume's owner, whatever user space has seen so far.
-    fresh = _victim(sim_node, name="db-1")
+    # Its secret is written by the kubelet, as on a node: while enforcing, a
+    # test process writing it would be denied (the new tmpfs is watched as
+    # soon as it is mounted).
+    fresh = sim_node.add_pod("prod", "db-1", [VolumeSpec("secret", "db-credentials", {})],
+                             service_account=False)
+    assert fresh.update_volume("db-credentials", {"password": b"p0\n"})
     first = fresh.add_container("postgres").start_reader("/run/secrets/db-credentials/password",
                                                          count=50).wait()
     assert first["opened"] == 50 and first["failed"] == 0, first
