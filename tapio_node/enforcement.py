@@ -25,7 +25,10 @@ class Enforcer:
         self.volumes = volumes
         self.kinds: frozenset[str] = frozenset()
         self.allow_pods: tuple[str, ...] = ()
-        self.mode = "off"
+
+    @property
+    def mode(self) -> str:
+        return self.kernel.mode
 
     def protects(self, kind: str) -> bool:
         return kind in self.kinds
@@ -33,6 +36,7 @@ class Enforcer:
     def apply(self, en, kubelet_cgroups) -> None:
         """Start-up and SIGHUP: the mode, the kinds and the allow lists.
         ValueError (and nothing changed) if the backend cannot do the mode."""
+        changed = en.mode != self.kernel.mode
         self.kernel.set_mode(en.mode)
         # The kubelet writes every volume: always allowed, listed or not.
         self.kernel.set_host_allow(set(en.allow_host_cgroups) | set(kubelet_cgroups))
@@ -41,12 +45,11 @@ class Enforcer:
             self.kinds = kinds
             self.volumes.refresh_policy()
         self.allow_pods = tuple(en.allow_pods)
-        if en.mode != self.mode:
+        if changed:
             log.warning("enforcement %s: %s", en.mode, {
                 "off": "no verdicts",
                 "audit": "opens other pods may not make are reported (policy would_deny), none blocked",
                 "enforce": "opens other pods may not make fail with EACCES"}[en.mode])
-        self.mode = en.mode
 
     def allowed_pod(self, namespace: str | None, name: str | None) -> bool:
         if not namespace or not name:

@@ -142,8 +142,7 @@ def pack_uid(pod_uid: str) -> bytes:
 
 
 def volume_policy_value(owner_uid: str, protected: bool) -> bytes:
-    return VOLUME_POLICY.pack(UID.pack(_fixed(owner_uid, UID_LEN, "pod_uid")),
-                              VOL_PROTECTED if protected else 0)
+    return VOLUME_POLICY.pack(pack_uid(owner_uid), VOL_PROTECTED if protected else 0)
 
 
 def host_allow_key(leaf: str) -> bytes:

@@ -9,7 +9,7 @@ from tapio_node.kernel import wire
 
 class KernelPolicy:
     def __init__(self):
-        self.mode, self.hosts, self.pods = None, None, None
+        self.mode, self.hosts, self.pods = "off", None, None
 
     def set_mode(self, mode):
         self.mode = mode
